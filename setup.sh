@@ -37,7 +37,7 @@ stamp="$VENV/.appliance-build-stamp"
 digest=$(cat pyproject.toml setup.py $(find _fastpath appliance -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.h' | sort) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     echo "setup.sh: installing the package (compiled build) and its test/benchmark dependencies"
-    APPLIANCE_REQUIRE_EXTENSION=1 "$VENV/bin/python" -m pip install -q -e ".[test,bench]"
+    env -u APPLIANCE_PUREPYTHON APPLIANCE_REQUIRE_EXTENSION=1 "$VENV/bin/python" -m pip install -q -e ".[test,bench]"
     echo "$digest" > "$stamp"
 fi
-echo "setup.sh: ready ($("$VENV/bin/python" -c 'import _fastpath; print("fast path build:", _fastpath.BUILD)'))"
+echo "setup.sh: ready ($("$VENV/bin/python" -c 'import _fastpath; print("packet engine build:", _fastpath.BUILD)'))"

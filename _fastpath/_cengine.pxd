@@ -23,6 +23,7 @@ cdef struct fp_view:
     uint32_t payload_off
     uint32_t payload_len
     uint32_t tcp_hdr_len
+    uint32_t pseudo_dst_off  # destination for the L4 pseudo-header (RFC 8200 8.1 final destination)
     uint16_t sport
     uint16_t dport
     uint16_t window

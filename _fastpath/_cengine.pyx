@@ -13,7 +13,8 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memcmp, memset
 
 from ._common import (
-    Err, Flow, FrameError, STAT_NAMES, address_text, check_verdict, list_options, make_builders,
+    MAX_CAPACITY, Err, Flow, FrameError, STAT_NAMES, address_text, check_option, check_port, check_u32, check_verdict, list_options,
+    make_builders,
     pack_address,
 )
 
@@ -191,9 +192,6 @@ cdef int fp_parse(const uint8_t* f, size_t n, int link, fp_view* v) noexcept nog
     cdef int tags = 0, count = 0, version
     cdef uint8_t proto, nxt
     view_init(v, link)
-    if n > 0xFFFFFF:                      # far beyond any frame; keeps offsets in range
-        v.error = E_BAD_IP_LENGTH
-        return v.error
     if link == LINK_ETH:
         if n < 14:
             v.error = E_TRUNCATED_ETHERNET
@@ -243,6 +241,7 @@ cdef int fp_parse(const uint8_t* f, size_t n, int link, fp_view* v) noexcept nog
             return v.error
         v.ip_version = 4
         v.ip_end = off + total
+        v.pseudo_dst_off = off + 16
         v.ttl = f[off + 8]
         proto = f[off + 9]
         frag = rd16(f + off + 6) & 0x3FFF
@@ -267,6 +266,7 @@ cdef int fp_parse(const uint8_t* f, size_t n, int link, fp_view* v) noexcept nog
         v.ip_version = 6
         end = off + 40 + plen
         v.ip_end = end
+        v.pseudo_dst_off = off + 24
         v.ttl = f[off + 7]
         proto = f[off + 6]
         l4 = off + 40
@@ -277,7 +277,8 @@ cdef int fp_parse(const uint8_t* f, size_t n, int link, fp_view* v) noexcept nog
                 return v.error
             nxt = f[l4]
             if proto == 44:
-                v.opts |= O_FRAGMENT
+                if rd16(f + l4 + 2) & 0xFFF9:  # offset or M; an atomic fragment is whole (RFC 6946)
+                    v.opts |= O_FRAGMENT
                 if rd16(f + l4 + 2) & 0xFFF8:
                     v.ip_proto = nxt
                     v.l4_off = l4 + 8
@@ -290,6 +291,12 @@ cdef int fp_parse(const uint8_t* f, size_t n, int link, fp_view* v) noexcept nog
             if l4 + hlen > end:
                 v.error = E_BAD_IPV6_EXTENSION
                 return v.error
+            if proto == 43 and f[l4 + 3] and hlen >= 24:
+                # RFC 8200 8.1: in transit, the pseudo-header carries the final destination
+                if f[l4 + 2] == 4:
+                    v.pseudo_dst_off = l4 + 8
+                elif f[l4 + 2] == 0 or f[l4 + 2] == 2:
+                    v.pseudo_dst_off = l4 + 8 + ((hlen - 8) // 16 - 1) * 16
             l4 += hlen
             proto = nxt
     v.ip_proto = proto
@@ -379,6 +386,20 @@ cdef inline void put32(uint8_t* f, uint32_t off, uint32_t value, int csum_off) n
                                       old & 0xFFFF, value & 0xFFFF))
 
 
+cdef void put32_any(uint8_t* f, uint32_t base, uint32_t off, uint32_t value, int csum_off) noexcept nogil:
+    """Write a 32-bit field at any offset; the checksum update covers the 16-bit words
+    (counted from base, the L4 header) the field overlaps, so odd offsets work too."""
+    cdef uint32_t a = off - ((off - base) & 1), e = off + 4
+    cdef uint32_t old_sum, new_sum
+    e += (e - base) & 1
+    old_sum = sum16(f + a, e - a, 0)
+    wr32(f + off, value)
+    if csum_off >= 0:
+        new_sum = sum16(f + a, e - a, 0)
+        wr16(f + csum_off, <uint16_t>(~fold(<uint64_t>(~rd16(f + csum_off) & 0xFFFF) + (~old_sum & 0xFFFF)
+                                           + new_sum) & 0xFFFF))
+
+
 cdef inline void replace_address(uint8_t* f, uint32_t off, const uint8_t* new, int alen,
                                  int csum_a, int csum_b) noexcept nogil:
     """Copy a new address over the old one, updating up to two checksums by RFC 1624."""
@@ -414,7 +435,7 @@ cdef void rewrite_view(uint8_t* f, const fp_view* v, const uint8_t* src, int32_t
     if src != NULL:
         replace_address(f, base, src, alen, l4c, ipc)
     if dst != NULL:
-        replace_address(f, base + alen, dst, alen, l4c, ipc)
+        replace_address(f, base + alen, dst, alen, l4c if v.pseudo_dst_off == base + alen else -1, ipc)
     if sport >= 0:
         put16(f, v.l4_off, <uint16_t>sport, l4c)
     if dport >= 0:
@@ -425,9 +446,11 @@ cdef void rewrite_view(uint8_t* f, const fp_view* v, const uint8_t* src, int32_t
 
 cdef uint32_t pseudo_sum(const uint8_t* f, const fp_view* v) noexcept nogil:
     cdef uint32_t l4len = v.ip_end - v.l4_off
+    cdef uint64_t acc
     if v.ip_version == 4:
         return sum16(f + v.l3_off + 12, 8, <uint64_t>v.ip_proto + l4len)
-    return sum16(f + v.l3_off + 8, 32, <uint64_t>v.ip_proto + (l4len >> 16) + (l4len & 0xFFFF))
+    acc = sum16(f + v.l3_off + 8, 16, <uint64_t>v.ip_proto + (l4len >> 16) + (l4len & 0xFFFF))
+    return sum16(f + v.pseudo_dst_off, 16, acc)
 
 
 cdef uint16_t l4_checksum(const uint8_t* f, const fp_view* v, uint32_t field) noexcept nogil:
@@ -541,6 +564,8 @@ cdef class FrameView:
     def migrate_request(self): return self.v.migrate_request
     @property
     def unknown_options(self): return self.v.unknown_options
+    @property
+    def pseudo_dst_off(self): return self.v.pseudo_dst_off
 
     @property
     def src(self):
@@ -768,6 +793,8 @@ cdef bytes family_address(const fp_view* v, object addr):
 
 def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, int link=LINK_ETH):
     """Rewrite addresses and ports of a TCP or UDP frame in place, checksums updated."""
+    check_port(sport, "sport")
+    check_port(dport, "dport")
     cdef Py_buffer pb
     cdef fp_view v = checked(frame, &pb, True, link)
     cdef bytes s, d
@@ -785,6 +812,9 @@ def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, int lin
 
 def rewrite_tcp(frame, seq=None, ack=None, window=None, tsval=None, tsecr=None, int link=LINK_ETH):
     """Rewrite seq, ack, window and timestamp values of a TCP frame in place."""
+    for name, value in (("seq", seq), ("ack", ack), ("tsval", tsval), ("tsecr", tsecr)):
+        check_u32(value, name)
+    check_u32(window, "window", 16)
     cdef Py_buffer pb
     cdef fp_view v = checked(frame, &pb, True, link)
     cdef uint8_t* f = <uint8_t*>pb.buf
@@ -801,9 +831,9 @@ def rewrite_tcp(frame, seq=None, ack=None, window=None, tsval=None, tsecr=None, 
         if window is not None:
             put16(f, v.l4_off + 14, window & 0xFFFF, c)
         if tsval is not None:
-            put32(f, v.ts_off + 2, tsval & 0xFFFFFFFF, c)
+            put32_any(f, v.l4_off, v.ts_off + 2, tsval & 0xFFFFFFFF, c)
         if tsecr is not None:
-            put32(f, v.ts_off + 6, tsecr & 0xFFFFFFFF, c)
+            put32_any(f, v.l4_off, v.ts_off + 6, tsecr & 0xFFFFFFFF, c)
     finally:
         PyBuffer_Release(&pb)
 
@@ -817,13 +847,11 @@ def insert_option(frame, option, int link=LINK_ETH):
     PyBuffer_Release(&pb)
     if not (v.ip_proto == 6 and not v.opts & O_FRAGMENT):
         raise ValueError("not an unfragmented TCP packet")
-    opt = bytes(option)
-    if len(opt) < 2 or opt[1] != len(opt):
-        raise ValueError("not a single well-formed TCP option")
+    opt = check_option(option)
     cdef uint32_t start = v.l4_off + 20, end = v.l4_off + v.tcp_hdr_len, used = start
     while used < end and frame[used] != 0:     # options before an EOL stay, padding goes
         used += 1 if frame[used] == 1 else frame[used + 1]
-    cdef Py_ssize_t pad = -(<Py_ssize_t>(used - start) + len(opt)) % 4
+    cdef Py_ssize_t pad = (4 - (<Py_ssize_t>(used - start) + len(opt)) % 4) % 4
     new_opts = bytes(frame[start:used]) + b"\x01" * pad + opt
     if len(new_opts) > 40:
         return False
@@ -975,6 +1003,8 @@ cdef class FlowTable:
             raise ValueError("nontcp_verdict and malformed_verdict cannot be REWRITE")
         if link != LINK_ETH and link != LINK_IP:
             raise ValueError("link must be LINK_ETHERNET or LINK_RAW")
+        if capacity > MAX_CAPACITY:
+            raise ValueError(f"capacity is at most {MAX_CAPACITY} flows")
         cdef size_t cap = 16
         while cap < <size_t>capacity * 2:
             cap <<= 1
@@ -1053,6 +1083,8 @@ cdef class FlowTable:
                 raise ValueError("ports are 0..65535")
         e = table_find(self.t, &k, h)
         if e == NULL:
+            if self.t.count >= MAX_CAPACITY:
+                raise MemoryError(f"the flow table holds at most {MAX_CAPACITY} flows")
             if (self.t.count + 1) * 2 > self.t.mask + 1:
                 self._grow()
             i = h & self.t.mask

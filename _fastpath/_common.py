@@ -165,6 +165,8 @@ class Flow(NamedTuple):
     ts_seen: bool
 
 
+MAX_CAPACITY = 1 << 24  # flows per table; far above what one appliance carries
+
 STAT_NAMES = ("frames", "bytes", "passed", "rewritten", "dropped", "to_python",
               "malformed", "non_tcp", "misses", "hits")
 
@@ -416,6 +418,28 @@ def list_options(frame, l4_off: int, tcp_hdr_len: int) -> list:
         out.append((kind, i, length))
         i += length
     return out
+
+
+def check_port(port, name: str):
+    """None (leave unchanged) or a port 0..65535."""
+    if port is not None and not (isinstance(port, int) and 0 <= port <= 0xFFFF):
+        raise ValueError(f"{name} must be a port 0..65535, not {port!r}")
+    return port
+
+
+def check_u32(value, name: str, bits: int = 32):
+    """None (leave unchanged) or an unsigned field value of the given width."""
+    if value is not None and not (isinstance(value, int) and 0 <= value < (1 << bits)):
+        raise ValueError(f"{name} must be 0..{(1 << bits) - 1}, not {value!r}")
+    return value
+
+
+def check_option(option) -> bytes:
+    """A single well-formed TCP option with a length byte (not EOL or NOP)."""
+    opt = bytes(option)
+    if len(opt) < 2 or opt[0] in (OPT_EOL, OPT_NOP) or opt[1] != len(opt):
+        raise ValueError("not a single well-formed TCP option (kind, length, data)")
+    return opt
 
 
 def check_verdict(verdict: int, name: str) -> int:

@@ -12,11 +12,12 @@ import struct
 from ._common import (
     ACK, DROP, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Err, FIN, Flow, FrameError,
     HAS_MIGRATE, HAS_MIGRATE_PERMITTED, HAS_MSS, HAS_SACK, HAS_SACK_PERMITTED, HAS_TIMESTAMPS,
-    HAS_WSCALE, IPPROTO_TCP, IPPROTO_UDP, IS_FRAGMENT, LINK_ETHERNET, LINK_RAW, MASK32,
+    HAS_WSCALE, MAX_CAPACITY, IPPROTO_TCP, IPPROTO_UDP, IS_FRAGMENT, LINK_ETHERNET, LINK_RAW, MASK32,
     EXID_MIGRATE, EXID_MIGRATE_PERMITTED, MAX_TCP_OPTIONS, MIGRATE_LEN, MIGRATE_PERMITTED_LEN,
     MIGRATE_PERMITTED_SECURE_LEN, N_ERRORS, OPT_EOL, OPT_EXP1, OPT_EXP2, OPT_MSS, OPT_NOP, OPT_SACK,
     OPT_SACK_PERMITTED, OPT_TIMESTAMPS, OPT_WSCALE, PASS, PYTHON, RECORD_FORMAT, RECORD_SIZE,
-    REWRITE, RST, STAT_NAMES, SYN, address_text, check_verdict, list_options, make_builders,
+    REWRITE, RST, STAT_NAMES, SYN, address_text, check_option, check_port, check_u32, check_verdict, list_options,
+    make_builders,
     pack_address,
 )
 from . import _common
@@ -40,7 +41,7 @@ class FrameView:
         "ttl", "l4_off", "sport", "dport", "seq", "ack", "tcp_hdr_len", "flags", "window", "checksum",
         "urgent", "payload_off", "payload_len", "opts", "mss", "wscale", "tsval", "tsecr", "ts_off",
         "sack_off", "sack_count", "mp_curve", "migrate_preload", "migrate_reqno", "migrate_token",
-        "migrate_request", "unknown_options",
+        "migrate_request", "unknown_options", "pseudo_dst_off",
     )
 
     def __init__(self, frame, link: int) -> None:
@@ -55,6 +56,7 @@ class FrameView:
         self.window = self.checksum = self.urgent = self.payload_off = self.payload_len = 0
         self.opts = self.mss = self.tsval = self.tsecr = self.sack_count = self.unknown_options = 0
         self.wscale = self.ts_off = self.sack_off = self.mp_curve = -1
+        self.pseudo_dst_off = 0
         self.migrate_preload = False
         self.migrate_reqno = self.migrate_token = self.migrate_request = 0
 
@@ -172,6 +174,7 @@ def _parse(v: FrameView, f, n: int) -> None:
             return
         v.ip_version = 4
         v.ip_end = off + total
+        v.pseudo_dst_off = off + 16
         v.ttl = f[off + 8]
         proto = f[off + 9]
         frag = ((f[off + 6] << 8) | f[off + 7]) & 0x3FFF  # MF + offset
@@ -195,6 +198,7 @@ def _parse(v: FrameView, f, n: int) -> None:
             return
         v.ip_version = 6
         v.ip_end = end = off + 40 + plen
+        v.pseudo_dst_off = off + 24
         v.ttl = f[off + 7]
         proto = f[off + 6]
         l4 = off + 40
@@ -207,7 +211,8 @@ def _parse(v: FrameView, f, n: int) -> None:
             nxt = f[l4]
             if proto == 44:
                 fo = (f[l4 + 2] << 8) | f[l4 + 3]
-                v.opts |= IS_FRAGMENT
+                if fo & 0xFFF9:  # offset or M set; an atomic fragment is a whole packet (RFC 6946)
+                    v.opts |= IS_FRAGMENT
                 if fo & 0xFFF8:
                     v.ip_proto = nxt
                     v.l4_off = l4 + 8
@@ -220,6 +225,12 @@ def _parse(v: FrameView, f, n: int) -> None:
             if l4 + hlen > end:
                 v.error = Err.BAD_IPV6_EXTENSION
                 return
+            if proto == 43 and f[l4 + 3] and hlen >= 24:
+                # RFC 8200 8.1: in transit, the pseudo-header carries the final destination
+                if f[l4 + 2] == 4:
+                    v.pseudo_dst_off = l4 + 8
+                elif f[l4 + 2] in (0, 2):
+                    v.pseudo_dst_off = l4 + 8 + ((hlen - 8) // 16 - 1) * 16
             l4 += hlen
             proto = nxt
     v.ip_proto = proto
@@ -302,6 +313,8 @@ def _parse_options(v: FrameView, f, i: int, end: int) -> None:
 
 def parse(frame, link: int = LINK_ETHERNET) -> FrameView:
     """Parse an Ethernet frame (or, with LINK_RAW, an IP packet); never raises on bad input."""
+    if isinstance(frame, str):
+        raise TypeError("parse() needs a bytes-like frame, not str")
     v = FrameView(frame, link)
     _parse(v, frame, len(frame))
     return v
@@ -381,7 +394,8 @@ def _pseudo_sum(f, v: FrameView) -> int:
     l4len = v.ip_end - v.l4_off
     if v.ip_version == 4:
         return _sum16(bytes(f[v.l3_off + 12:v.l3_off + 20]) + struct.pack("!BBH", 0, v.ip_proto, l4len))
-    return _sum16(bytes(f[v.l3_off + 8:v.l3_off + 40]) + struct.pack("!IxxxB", l4len, v.ip_proto))
+    return _sum16(bytes(f[v.l3_off + 8:v.l3_off + 24]) + bytes(f[v.pseudo_dst_off:v.pseudo_dst_off + 16])
+                  + struct.pack("!IxxxB", l4len, v.ip_proto))
 
 
 def _l4_checksum(f, v: FrameView, field: int) -> int:
@@ -472,6 +486,18 @@ def _put32(frame, off: int, value: int, csum_off: int) -> None:
         _H.pack_into(frame, csum_off, csum_update32((frame[csum_off] << 8) | frame[csum_off + 1], old, value & MASK32))
 
 
+def _put32_any(frame, base: int, off: int, value: int, csum_off: int) -> None:
+    """Write a 32-bit field at any offset; the update covers the 16-bit words (counted from
+    base, the L4 header) the field overlaps, so odd offsets work too."""
+    a = off - ((off - base) & 1)
+    e = off + 4
+    e += (e - base) & 1
+    old = bytes(frame[a:e])
+    _I.pack_into(frame, off, value & MASK32)
+    _H.pack_into(frame, csum_off, csum_update_bytes((frame[csum_off] << 8) | frame[csum_off + 1], old,
+                                                     bytes(frame[a:e])))
+
+
 def _replace_address(frame, off: int, new: bytes, csum_offs) -> None:
     old = bytes(frame[off:off + len(new)])
     frame[off:off + len(new)] = new
@@ -492,8 +518,9 @@ def _rewrite_view(frame, v: FrameView, src, sport, dst, dport) -> None:
     if src is not None:
         _replace_address(frame, base, src, csums)
     if dst is not None:
-        _replace_address(frame, base + alen, dst, csums)
-    if sport is not None and sport >= 0:
+        keep_l4 = v.pseudo_dst_off != base + alen  # the pseudo-header uses a routing header's address
+        _replace_address(frame, base + alen, dst, tuple(c for c in csums if not (keep_l4 and c == l4c)))
+    if sport is not None and sport >= 0:  # -1: a flow entry's "unchanged"
         _put16(frame, v.l4_off, sport, l4c)
     if dport is not None and dport >= 0:
         _put16(frame, v.l4_off + 2, dport, l4c)
@@ -512,6 +539,8 @@ def _family_address(v: FrameView, addr):
 
 def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, link: int = LINK_ETHERNET) -> None:
     """Rewrite addresses and ports of a TCP or UDP frame in place, checksums updated."""
+    check_port(sport, "sport")
+    check_port(dport, "dport")
     v = _checked(frame, link)
     if _l4_field(v) < 0:
         raise ValueError("not an unfragmented TCP or UDP packet")
@@ -520,6 +549,9 @@ def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, link: i
 
 def rewrite_tcp(frame, seq=None, ack=None, window=None, tsval=None, tsecr=None, link: int = LINK_ETHERNET) -> None:
     """Rewrite seq, ack, window and timestamp values of a TCP frame in place."""
+    for name, value in (("seq", seq), ("ack", ack), ("tsval", tsval), ("tsecr", tsecr)):
+        check_u32(value, name)
+    check_u32(window, "window", 16)
     v = _checked(frame, link)
     if not v.is_tcp:
         raise ValueError("not an unfragmented TCP packet")
@@ -533,9 +565,9 @@ def rewrite_tcp(frame, seq=None, ack=None, window=None, tsval=None, tsecr=None, 
     if window is not None:
         _put16(frame, v.l4_off + 14, window, c)
     if tsval is not None:
-        _put32(frame, v.ts_off + 2, tsval, c)
+        _put32_any(frame, v.l4_off, v.ts_off + 2, tsval, c)
     if tsecr is not None:
-        _put32(frame, v.ts_off + 6, tsecr, c)
+        _put32_any(frame, v.l4_off, v.ts_off + 6, tsecr, c)
 
 
 def insert_option(frame: bytearray, option: bytes, link: int = LINK_ETHERNET) -> bool:
@@ -549,9 +581,7 @@ def insert_option(frame: bytearray, option: bytes, link: int = LINK_ETHERNET) ->
     used = start
     while used < end and frame[used] != OPT_EOL:  # options before an EOL stay, padding goes
         used += 1 if frame[used] == OPT_NOP else frame[used + 1]
-    opt = bytes(option)
-    if len(opt) < 2 or opt[1] != len(opt):
-        raise ValueError("not a single well-formed TCP option")
+    opt = check_option(option)
     pad = -(used - start + len(opt)) % 4
     new_opts = bytes(frame[start:used]) + bytes((OPT_NOP,)) * pad + opt
     if len(new_opts) > MAX_TCP_OPTIONS:
@@ -608,19 +638,28 @@ class FlowTable:
                  nontcp_verdict: int = PASS, malformed_verdict: int = PASS, link: int = LINK_ETHERNET) -> None:
         if capacity < 1:
             raise ValueError("capacity must be positive")
+        if capacity > MAX_CAPACITY:
+            raise ValueError(f"capacity is at most {MAX_CAPACITY} flows")
         self._flows: dict = {}
-        self.default_verdict = check_verdict(default_verdict, "default_verdict")
-        if self.default_verdict == REWRITE:
+        self._default_verdict = check_verdict(default_verdict, "default_verdict")
+        if default_verdict == REWRITE:
             raise ValueError("default_verdict cannot be REWRITE (there is nothing to rewrite to)")
-        self.default_punt = default_punt & 0xFF
-        self.nontcp_verdict = check_verdict(nontcp_verdict, "nontcp_verdict")
-        self.malformed_verdict = check_verdict(malformed_verdict, "malformed_verdict")
-        if REWRITE in (self.nontcp_verdict, self.malformed_verdict):
+        self._default_punt = default_punt & 0xFF
+        self._nontcp_verdict = check_verdict(nontcp_verdict, "nontcp_verdict")
+        self._malformed_verdict = check_verdict(malformed_verdict, "malformed_verdict")
+        if REWRITE in (nontcp_verdict, malformed_verdict):
             raise ValueError("nontcp_verdict and malformed_verdict cannot be REWRITE")
         if link not in (LINK_ETHERNET, LINK_RAW):
             raise ValueError("link must be LINK_ETHERNET or LINK_RAW")
-        self.link = link
+        self._link = link
         self.reset_stats()
+
+    # Read-only, as in the compiled build.
+    default_verdict = property(lambda self: self._default_verdict)
+    default_punt = property(lambda self: self._default_punt)
+    nontcp_verdict = property(lambda self: self._nontcp_verdict)
+    malformed_verdict = property(lambda self: self._malformed_verdict)
+    link = property(lambda self: self._link)
 
     def reset_stats(self) -> None:
         self._stats = dict.fromkeys(STAT_NAMES, 0)
@@ -649,6 +688,8 @@ class FlowTable:
                 raise ValueError("ports are 0..65535")
         e = self._flows.get(key)
         if e is None:
+            if len(self._flows) >= MAX_CAPACITY:
+                raise MemoryError(f"the flow table holds at most {MAX_CAPACITY} flows")
             e = self._flows[key] = _Entry()
         e.verdict = verdict
         e.new_src, e.new_dst = ns, nd
@@ -679,24 +720,26 @@ class FlowTable:
 
     def classify(self, frame, now: float = 0.0) -> int:
         """Decide one frame, rewriting it in place when the verdict is REWRITE."""
+        if memoryview(frame).readonly:  # as the compiled build: a writable buffer, always
+            raise BufferError("classify() needs a writable buffer")
         st = self._stats
         n = len(frame)
         st["frames"] += 1
         st["bytes"] += n
-        v = FrameView(frame, self.link)
+        v = FrameView(frame, self._link)
         _parse(v, frame, n)
         if v.error:
             st["malformed"] += 1
             self._errors[v.error] += 1
-            verdict = self.malformed_verdict
+            verdict = self._malformed_verdict
         elif v.ip_proto != IPPROTO_TCP or v.opts & IS_FRAGMENT:
             st["non_tcp"] += 1
-            verdict = self.nontcp_verdict
+            verdict = self._nontcp_verdict
         else:
             e = self._flows.get((v.src, v.sport, v.dst, v.dport))
             if e is None:
                 st["misses"] += 1
-                verdict = PYTHON if v.flags & self.default_punt else self.default_verdict
+                verdict = PYTHON if v.flags & self._default_punt else self._default_verdict
             else:
                 st["hits"] += 1
                 self._track(e, v, n, now)
