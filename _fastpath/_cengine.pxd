@@ -5,6 +5,14 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t* m, const void* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* m)
+    int pthread_mutex_lock(pthread_mutex_t* m)
+    int pthread_mutex_unlock(pthread_mutex_t* m)
+
 cdef struct fp_view:
     int error
     int link
@@ -85,11 +93,14 @@ cdef struct fp_table:
     uint8_t malformed_verdict
     uint64_t stats[10]       # STAT_NAMES order
     uint64_t errors[10]      # by Err
+    pthread_mutex_t lock     # held around every access: forwarding threads share the table
 
 cdef int fp_parse(const uint8_t* f, size_t n, int link, fp_view* v) noexcept nogil
-cdef int fp_table_classify(fp_table* t, uint8_t* f, size_t n, double now) noexcept nogil
+cdef int fp_table_classify(fp_table* t, uint8_t* f, size_t n, double now, bint partial) noexcept nogil
 
 cdef class FlowTable:
     cdef fp_table* t
     cdef void _grow(self) except *
+    cdef void _set_locked(self, fp_key* kp, uint32_t h, int verdict, object ns, object new_sport, object nd,
+                          object new_dport, int punt_flags) except *
     cdef object _snapshot(self, const fp_entry* e)

@@ -401,46 +401,57 @@ cdef void put32_any(uint8_t* f, uint32_t base, uint32_t off, uint32_t value, int
 
 
 cdef inline void replace_address(uint8_t* f, uint32_t off, const uint8_t* new, int alen,
-                                 int csum_a, int csum_b) noexcept nogil:
-    """Copy a new address over the old one, updating up to two checksums by RFC 1624."""
+                                 int csum_a, int csum_b, bint a_partial) noexcept nogil:
+    """Copy a new address over the old one, updating up to two checksums by RFC 1624.
+
+    a_partial: csum_a holds an uncomplemented pseudo-header sum (a NEEDS_CSUM frame),
+    so it moves by the same delta without the complements: S' = S + ~m + m'.
+    """
     cdef uint64_t delta = 0
     cdef int i
     for i in range(0, alen, 2):
         delta += (~rd16(f + off + i) & 0xFFFF) + rd16(new + i)
     memcpy(f + off, new, alen)
     if csum_a >= 0:
-        wr16(f + csum_a, <uint16_t>(~fold(delta + (~rd16(f + csum_a) & 0xFFFF)) & 0xFFFF))
+        if a_partial:
+            wr16(f + csum_a, <uint16_t>fold(delta + rd16(f + csum_a)))
+        else:
+            wr16(f + csum_a, <uint16_t>(~fold(delta + (~rd16(f + csum_a) & 0xFFFF)) & 0xFFFF))
     if csum_b >= 0:
         wr16(f + csum_b, <uint16_t>(~fold(delta + (~rd16(f + csum_b) & 0xFFFF)) & 0xFFFF))
 
 
-cdef inline int l4_csum_field(const uint8_t* f, const fp_view* v) noexcept nogil:
+cdef inline int l4_csum_field(const uint8_t* f, const fp_view* v, bint partial) noexcept nogil:
     """Offset of the L4 checksum to maintain, or -1 (none, or a zero UDP/IPv4 checksum)."""
     cdef int field
     if not view_is_l4(v):
         return -1
     field = v.l4_off + (16 if v.ip_proto == 6 else 6)
-    if v.ip_proto == 17 and v.ip_version == 4 and f[field] == 0 and f[field + 1] == 0:
+    if not partial and v.ip_proto == 17 and v.ip_version == 4 and f[field] == 0 and f[field + 1] == 0:
         return -1
     return field
 
 
 cdef void rewrite_view(uint8_t* f, const fp_view* v, const uint8_t* src, int32_t sport,
-                       const uint8_t* dst, int32_t dport) noexcept nogil:
-    """Rewrite addresses/ports of a parsed TCP/UDP frame; NULL or -1 leaves a field alone."""
-    cdef int l4c = l4_csum_field(f, v)
+                       const uint8_t* dst, int32_t dport, bint partial) noexcept nogil:
+    """Rewrite addresses/ports of a parsed TCP/UDP frame; NULL or -1 leaves a field alone.
+
+    partial: the frame's L4 checksum is left to offload (virtio NEEDS_CSUM) and its field
+    holds only the pseudo-header sum: addresses move it, ports (not in it) do not.
+    """
+    cdef int l4c = l4_csum_field(f, v, partial)
     cdef int ipc = v.l3_off + 10 if v.ip_version == 4 else -1
     cdef int alen = 4 if v.ip_version == 4 else 16
     cdef uint32_t base = v.l3_off + (12 if v.ip_version == 4 else 8)
     if src != NULL:
-        replace_address(f, base, src, alen, l4c, ipc)
+        replace_address(f, base, src, alen, l4c, ipc, partial)
     if dst != NULL:
-        replace_address(f, base + alen, dst, alen, l4c if v.pseudo_dst_off == base + alen else -1, ipc)
+        replace_address(f, base + alen, dst, alen, l4c if v.pseudo_dst_off == base + alen else -1, ipc, partial)
     if sport >= 0:
-        put16(f, v.l4_off, <uint16_t>sport, l4c)
+        put16(f, v.l4_off, <uint16_t>sport, -1 if partial else l4c)
     if dport >= 0:
-        put16(f, v.l4_off + 2, <uint16_t>dport, l4c)
-    if l4c >= 0 and v.ip_proto == 17 and rd16(f + l4c) == 0:
+        put16(f, v.l4_off + 2, <uint16_t>dport, -1 if partial else l4c)
+    if not partial and l4c >= 0 and v.ip_proto == 17 and rd16(f + l4c) == 0:
         wr16(f + l4c, 0xFFFF)
 
 
@@ -791,8 +802,12 @@ cdef bytes family_address(const fp_view* v, object addr):
     return packed
 
 
-def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, int link=LINK_ETH):
-    """Rewrite addresses and ports of a TCP or UDP frame in place, checksums updated."""
+def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, int link=LINK_ETH, bint partial_csum=False):
+    """Rewrite addresses and ports of a TCP or UDP frame in place, checksums updated.
+
+    partial_csum: the L4 checksum field holds a pseudo-header sum left for offload
+    (PACKET_VNET_HDR with NEEDS_CSUM); it is kept a correct pseudo-header sum.
+    """
     check_port(sport, "sport")
     check_port(dport, "dport")
     cdef Py_buffer pb
@@ -805,7 +820,8 @@ def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, int lin
         d = family_address(&v, dst)
         rewrite_view(<uint8_t*>pb.buf, &v, <const uint8_t*>s if s is not None else NULL,
                      -1 if sport is None else <uint16_t>sport,
-                     <const uint8_t*>d if d is not None else NULL, -1 if dport is None else <uint16_t>dport)
+                     <const uint8_t*>d if d is not None else NULL, -1 if dport is None else <uint16_t>dport,
+                     partial_csum)
     finally:
         PyBuffer_Release(&pb)
 
@@ -927,8 +943,11 @@ cdef inline void track(fp_entry* e, const fp_view* v, size_t n, double now) noex
         e.ts_seen = 1
 
 
-cdef int fp_table_classify(fp_table* t, uint8_t* f, size_t n, double now) noexcept nogil:
-    """Decide one frame, rewriting it in place for REWRITE; the verdict is returned."""
+cdef int fp_table_classify(fp_table* t, uint8_t* f, size_t n, double now, bint partial) noexcept nogil:
+    """Decide one frame, rewriting it in place for REWRITE; the verdict is returned.
+
+    The caller holds t.lock. partial: the frame's L4 checksum is a NEEDS_CSUM pseudo-sum.
+    """
     cdef fp_view v
     cdef fp_key k
     cdef fp_entry* e
@@ -958,7 +977,7 @@ cdef int fp_table_classify(fp_table* t, uint8_t* f, size_t n, double now) noexce
                 verdict = e.verdict
                 if verdict == V_REWRITE:
                     rewrite_view(f, &v, e.new_src if e.has_new_src else NULL, e.new_sport,
-                                 e.new_dst if e.has_new_dst else NULL, e.new_dport)
+                                 e.new_dst if e.has_new_dst else NULL, e.new_dport, partial)
     t.stats[S_PASSED + verdict] += 1
     return verdict
 
@@ -1014,6 +1033,7 @@ cdef class FlowTable:
         self.t.slots = <fp_entry*>calloc(cap, sizeof(fp_entry))
         if self.t.slots == NULL:
             raise MemoryError()
+        pthread_mutex_init(&self.t.lock, NULL)
         self.t.mask = cap - 1
         self.t.link = link
         self.t.default_verdict = default_verdict
@@ -1023,6 +1043,8 @@ cdef class FlowTable:
 
     def __dealloc__(self):
         if self.t != NULL:
+            if self.t.slots != NULL:
+                pthread_mutex_destroy(&self.t.lock)
             free(self.t.slots)
             free(self.t)
 
@@ -1038,12 +1060,20 @@ cdef class FlowTable:
     def link(self): return self.t.link
 
     def reset_stats(self):
+        pthread_mutex_lock(&self.t.lock)
         memset(self.t.stats, 0, sizeof(self.t.stats))
         memset(self.t.errors, 0, sizeof(self.t.errors))
+        pthread_mutex_unlock(&self.t.lock)
 
     def stats(self):
-        out = {name: self.t.stats[i] for i, name in enumerate(STAT_NAMES)}
-        out["errors"] = {Err(i).name: self.t.errors[i] for i in range(1, len(Err))}
+        cdef uint64_t st[10]
+        cdef uint64_t er[10]
+        pthread_mutex_lock(&self.t.lock)
+        memcpy(st, self.t.stats, sizeof(st))
+        memcpy(er, self.t.errors, sizeof(er))
+        pthread_mutex_unlock(&self.t.lock)
+        out = {name: st[i] for i, name in enumerate(STAT_NAMES)}
+        out["errors"] = {Err(i).name: er[i] for i in range(1, len(Err))}
         return out
 
     def __len__(self):
@@ -1081,7 +1111,17 @@ cdef class FlowTable:
         for p in (new_sport, new_dport):
             if p is not None and not 0 <= p <= 0xFFFF:
                 raise ValueError("ports are 0..65535")
-        e = table_find(self.t, &k, h)
+        pthread_mutex_lock(&self.t.lock)
+        try:
+            self._set_locked(&k, h, verdict, ns, new_sport, nd, new_dport, punt_flags)
+        finally:
+            pthread_mutex_unlock(&self.t.lock)
+
+    cdef void _set_locked(self, fp_key* kp, uint32_t h, int verdict, object ns, object new_sport, object nd,
+                          object new_dport, int punt_flags) except *:
+        cdef fp_key k = kp[0]
+        cdef fp_entry* e = table_find(self.t, &k, h)
+        cdef size_t i
         if e == NULL:
             if self.t.count >= MAX_CAPACITY:
                 raise MemoryError(f"the flow table holds at most {MAX_CAPACITY} flows")
@@ -1119,15 +1159,24 @@ cdef class FlowTable:
 
     def get(self, src, int sport, dst, int dport):
         cdef fp_key k = make_key(src, sport, dst, dport)
-        cdef fp_entry* e = table_find(self.t, &k, key_hash(&k))
-        return None if e == NULL else self._snapshot(e)
+        cdef fp_entry* e
+        cdef fp_entry copy
+        pthread_mutex_lock(&self.t.lock)
+        e = table_find(self.t, &k, key_hash(&k))
+        if e != NULL:
+            copy = e[0]
+        pthread_mutex_unlock(&self.t.lock)
+        return None if e == NULL else self._snapshot(&copy)
 
     def remove(self, src, int sport, dst, int dport):
         """Remove a flow (backward-shift deletion keeps probe chains intact)."""
         cdef fp_key k = make_key(src, sport, dst, dport)
-        cdef fp_entry* e = table_find(self.t, &k, key_hash(&k))
+        cdef fp_entry* e
         cdef size_t i, j, home
+        pthread_mutex_lock(&self.t.lock)
+        e = table_find(self.t, &k, key_hash(&k))
         if e == NULL:
+            pthread_mutex_unlock(&self.t.lock)
             return False
         i = e - self.t.slots
         j = i
@@ -1142,38 +1191,50 @@ cdef class FlowTable:
                 i = j
         memset(&self.t.slots[i], 0, sizeof(fp_entry))
         self.t.count -= 1
+        pthread_mutex_unlock(&self.t.lock)
         return True
 
     def clear(self):
+        pthread_mutex_lock(&self.t.lock)
         memset(self.t.slots, 0, (self.t.mask + 1) * sizeof(fp_entry))
         self.t.count = 0
+        pthread_mutex_unlock(&self.t.lock)
 
     def keys(self):
         cdef size_t i
         cdef int alen
         out = []
+        pthread_mutex_lock(&self.t.lock)
         for i in range(self.t.mask + 1):
             if self.t.slots[i].used:
                 alen = 4 if self.t.slots[i].key.family == 4 else 16
                 out.append(((<const char*>self.t.slots[i].key.src)[:alen], self.t.slots[i].key.sport,
                             (<const char*>self.t.slots[i].key.dst)[:alen], self.t.slots[i].key.dport))
+        pthread_mutex_unlock(&self.t.lock)
         return out
 
-    def classify(self, frame, double now=0.0):
-        """Decide one frame, rewriting it in place when the verdict is REWRITE."""
+    def classify(self, frame, double now=0.0, bint partial_csum=False):
+        """Decide one frame, rewriting it in place when the verdict is REWRITE.
+
+        partial_csum: the frame's L4 checksum is a pseudo-header sum left for offload.
+        """
         cdef Py_buffer pb
         cdef int verdict
         get_buffer(frame, &pb, True)
-        verdict = fp_table_classify(self.t, <uint8_t*>pb.buf, pb.len, now)
+        pthread_mutex_lock(&self.t.lock)
+        verdict = fp_table_classify(self.t, <uint8_t*>pb.buf, pb.len, now, partial_csum)
+        pthread_mutex_unlock(&self.t.lock)
         PyBuffer_Release(&pb)
         return verdict
 
     def process_batch(self, uint8_t[::1] buf, const uint32_t[::1] offsets, const uint32_t[::1] lengths,
-                      uint8_t[::1] verdicts, double now=0.0, Py_ssize_t count=-1):
+                      uint8_t[::1] verdicts, double now=0.0, Py_ssize_t count=-1, bint partial_csum=False):
         """classify() for count frames of buf, verdicts written to verdicts[i]; returns count."""
         cdef Py_ssize_t n = batch_count(buf, offsets, lengths, count, verdicts.shape[0]), i
         cdef uint8_t* base = &buf[0] if buf.shape[0] else NULL
         with nogil:
+            pthread_mutex_lock(&self.t.lock)
             for i in range(n):
-                verdicts[i] = fp_table_classify(self.t, base + offsets[i], lengths[i], now)
+                verdicts[i] = fp_table_classify(self.t, base + offsets[i], lengths[i], now, partial_csum)
+            pthread_mutex_unlock(&self.t.lock)
         return n

@@ -8,6 +8,7 @@ of the frame; a view reads addresses and options from the frame it was parsed fr
 from __future__ import annotations
 
 import struct
+import threading
 
 from ._common import (
     ACK, DROP, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Err, FIN, Flow, FrameError,
@@ -498,33 +499,44 @@ def _put32_any(frame, base: int, off: int, value: int, csum_off: int) -> None:
                                                      bytes(frame[a:e])))
 
 
-def _replace_address(frame, off: int, new: bytes, csum_offs) -> None:
+def _replace_address(frame, off: int, new: bytes, l4_csum: int, ip_csum: int, l4_partial: bool) -> None:
     old = bytes(frame[off:off + len(new)])
     frame[off:off + len(new)] = new
-    for c in csum_offs:
-        _H.pack_into(frame, c, csum_update_bytes((frame[c] << 8) | frame[c + 1], old, new))
+    if ip_csum >= 0:
+        _H.pack_into(frame, ip_csum, csum_update_bytes((frame[ip_csum] << 8) | frame[ip_csum + 1], old, new))
+    if l4_csum >= 0:
+        c = (frame[l4_csum] << 8) | frame[l4_csum + 1]
+        if l4_partial:  # an uncomplemented sum S: S' = S + ~m + m' = ~update(~S)
+            c = ~csum_update_bytes(~c & 0xFFFF, old, new) & 0xFFFF
+        else:
+            c = csum_update_bytes(c, old, new)
+        _H.pack_into(frame, l4_csum, c)
 
 
-def _rewrite_view(frame, v: FrameView, src, sport, dst, dport) -> None:
-    """Rewrite addresses/ports of a parsed TCP/UDP frame with incremental checksum updates."""
+def _rewrite_view(frame, v: FrameView, src, sport, dst, dport, partial: bool = False) -> None:
+    """Rewrite addresses/ports of a parsed TCP/UDP frame with incremental checksum updates.
+
+    partial: the L4 checksum field holds a pseudo-header sum left for offload (virtio
+    NEEDS_CSUM): addresses move it by the uncomplemented delta, ports do not touch it.
+    """
     field = _l4_field(v)
     l4c = field
-    if v.ip_proto == IPPROTO_UDP and v.ip_version == 4 and frame[field] == 0 and frame[field + 1] == 0:
+    if not partial and v.ip_proto == IPPROTO_UDP and v.ip_version == 4 and frame[field] == 0 and frame[field + 1] == 0:
         l4c = -1  # no UDP checksum to maintain
-    csums = (l4c, v.l3_off + 10) if v.ip_version == 4 else (l4c,)
-    csums = tuple(c for c in csums if c >= 0)
     alen = 4 if v.ip_version == 4 else 16
     base = v.l3_off + (12 if v.ip_version == 4 else 8)
+    ipc = v.l3_off + 10 if v.ip_version == 4 else -1
     if src is not None:
-        _replace_address(frame, base, src, csums)
+        _replace_address(frame, base, src, l4c, ipc, partial)
     if dst is not None:
         keep_l4 = v.pseudo_dst_off != base + alen  # the pseudo-header uses a routing header's address
-        _replace_address(frame, base + alen, dst, tuple(c for c in csums if not (keep_l4 and c == l4c)))
+        _replace_address(frame, base + alen, dst, -1 if keep_l4 else l4c, ipc, partial)
+    port_csum = -1 if partial else l4c
     if sport is not None and sport >= 0:  # -1: a flow entry's "unchanged"
-        _put16(frame, v.l4_off, sport, l4c)
+        _put16(frame, v.l4_off, sport, port_csum)
     if dport is not None and dport >= 0:
-        _put16(frame, v.l4_off + 2, dport, l4c)
-    if l4c >= 0 and v.ip_proto == IPPROTO_UDP and frame[l4c] == 0 and frame[l4c + 1] == 0:
+        _put16(frame, v.l4_off + 2, dport, port_csum)
+    if not partial and l4c >= 0 and v.ip_proto == IPPROTO_UDP and frame[l4c] == 0 and frame[l4c + 1] == 0:
         _H.pack_into(frame, l4c, 0xFFFF)
 
 
@@ -537,14 +549,19 @@ def _family_address(v: FrameView, addr):
     return packed
 
 
-def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, link: int = LINK_ETHERNET) -> None:
-    """Rewrite addresses and ports of a TCP or UDP frame in place, checksums updated."""
+def rewrite_addresses(frame, src=None, sport=None, dst=None, dport=None, link: int = LINK_ETHERNET,
+                      partial_csum: bool = False) -> None:
+    """Rewrite addresses and ports of a TCP or UDP frame in place, checksums updated.
+
+    partial_csum: the L4 checksum field holds a pseudo-header sum left for offload
+    (PACKET_VNET_HDR with NEEDS_CSUM); it is kept a correct pseudo-header sum.
+    """
     check_port(sport, "sport")
     check_port(dport, "dport")
     v = _checked(frame, link)
     if _l4_field(v) < 0:
         raise ValueError("not an unfragmented TCP or UDP packet")
-    _rewrite_view(frame, v, _family_address(v, src), sport, _family_address(v, dst), dport)
+    _rewrite_view(frame, v, _family_address(v, src), sport, _family_address(v, dst), dport, partial_csum)
 
 
 def rewrite_tcp(frame, seq=None, ack=None, window=None, tsval=None, tsecr=None, link: int = LINK_ETHERNET) -> None:
@@ -641,6 +658,7 @@ class FlowTable:
         if capacity > MAX_CAPACITY:
             raise ValueError(f"capacity is at most {MAX_CAPACITY} flows")
         self._flows: dict = {}
+        self._lock = threading.RLock()  # forwarding threads share the table with the control plane
         self._default_verdict = check_verdict(default_verdict, "default_verdict")
         if default_verdict == REWRITE:
             raise ValueError("default_verdict cannot be REWRITE (there is nothing to rewrite to)")
@@ -662,12 +680,14 @@ class FlowTable:
     link = property(lambda self: self._link)
 
     def reset_stats(self) -> None:
-        self._stats = dict.fromkeys(STAT_NAMES, 0)
-        self._errors = [0] * N_ERRORS
+        with self._lock:
+            self._stats = dict.fromkeys(STAT_NAMES, 0)
+            self._errors = [0] * N_ERRORS
 
     def stats(self) -> dict:
-        out = dict(self._stats)
-        out["errors"] = {Err(i).name: n for i, n in enumerate(self._errors) if i}
+        with self._lock:
+            out = dict(self._stats)
+            out["errors"] = {Err(i).name: n for i, n in enumerate(self._errors) if i}
         return out
 
     def __len__(self) -> int:
@@ -686,30 +706,36 @@ class FlowTable:
         for p in (new_sport, new_dport):
             if p is not None and not 0 <= p <= 0xFFFF:
                 raise ValueError("ports are 0..65535")
-        e = self._flows.get(key)
-        if e is None:
-            if len(self._flows) >= MAX_CAPACITY:
-                raise MemoryError(f"the flow table holds at most {MAX_CAPACITY} flows")
-            e = self._flows[key] = _Entry()
-        e.verdict = verdict
-        e.new_src, e.new_dst = ns, nd
-        e.new_sport = -1 if new_sport is None else new_sport
-        e.new_dport = -1 if new_dport is None else new_dport
-        e.punt_flags = punt_flags & 0xFF
+        with self._lock:
+            e = self._flows.get(key)
+            if e is None:
+                if len(self._flows) >= MAX_CAPACITY:
+                    raise MemoryError(f"the flow table holds at most {MAX_CAPACITY} flows")
+                e = self._flows[key] = _Entry()
+            e.verdict = verdict
+            e.new_src, e.new_dst = ns, nd
+            e.new_sport = -1 if new_sport is None else new_sport
+            e.new_dport = -1 if new_dport is None else new_dport
+            e.punt_flags = punt_flags & 0xFF
 
     def get(self, src, sport: int, dst, dport: int):
         key = _flow_key(src, sport, dst, dport)
-        e = self._flows.get(key)
-        return None if e is None else self._snapshot(key, e)
+        with self._lock:
+            e = self._flows.get(key)
+            return None if e is None else self._snapshot(key, e)
 
     def remove(self, src, sport: int, dst, dport: int) -> bool:
-        return self._flows.pop(_flow_key(src, sport, dst, dport), None) is not None
+        key = _flow_key(src, sport, dst, dport)
+        with self._lock:
+            return self._flows.pop(key, None) is not None
 
     def clear(self) -> None:
-        self._flows.clear()
+        with self._lock:
+            self._flows.clear()
 
     def keys(self) -> list:
-        return list(self._flows)
+        with self._lock:
+            return list(self._flows)
 
     @staticmethod
     def _snapshot(key, e: _Entry) -> Flow:
@@ -718,10 +744,17 @@ class FlowTable:
                     None if e.new_dport < 0 else e.new_dport, e.punt_flags, e.frames, e.bytes,
                     e.last_seen, e.flags_seen, e.seq_next, e.ack, e.window, e.tsval, e.tsecr, e.ts_seen)
 
-    def classify(self, frame, now: float = 0.0) -> int:
-        """Decide one frame, rewriting it in place when the verdict is REWRITE."""
+    def classify(self, frame, now: float = 0.0, partial_csum: bool = False) -> int:
+        """Decide one frame, rewriting it in place when the verdict is REWRITE.
+
+        partial_csum: the frame's L4 checksum is a pseudo-header sum left for offload.
+        """
         if memoryview(frame).readonly:  # as the compiled build: a writable buffer, always
             raise BufferError("classify() needs a writable buffer")
+        with self._lock:
+            return self._classify(frame, now, partial_csum)
+
+    def _classify(self, frame, now: float, partial_csum: bool) -> int:
         st = self._stats
         n = len(frame)
         st["frames"] += 1
@@ -748,7 +781,7 @@ class FlowTable:
                 else:
                     verdict = e.verdict
                     if verdict == REWRITE:
-                        _rewrite_view(frame, v, e.new_src, e.new_sport, e.new_dst, e.new_dport)
+                        _rewrite_view(frame, v, e.new_src, e.new_sport, e.new_dst, e.new_dport, partial_csum)
         st[("passed", "rewritten", "dropped", "to_python")[verdict]] += 1
         return verdict
 
@@ -770,13 +803,17 @@ class FlowTable:
         if v.opts & HAS_TIMESTAMPS and (not e.ts_seen or _common.seq_ge(v.tsval, e.tsval)):
             e.tsval, e.tsecr, e.ts_seen = v.tsval, v.tsecr, True
 
-    def process_batch(self, buf, offsets, lengths, verdicts, now: float = 0.0, count: int = -1) -> int:
+    def process_batch(self, buf, offsets, lengths, verdicts, now: float = 0.0, count: int = -1,
+                      partial_csum: bool = False) -> int:
         """classify() for count frames of buf, verdicts written to verdicts[i]; returns count."""
         vmv = memoryview(verdicts).cast("B")
         n = _batch_count(buf, offsets, lengths, count, len(vmv))
         mv = memoryview(buf).cast("B")
-        for i in range(n):
-            vmv[i] = self.classify(mv[offsets[i]:offsets[i] + lengths[i]], now)
+        if mv.readonly:
+            raise BufferError("process_batch() needs a writable buffer")
+        with self._lock:
+            for i in range(n):
+                vmv[i] = self._classify(mv[offsets[i]:offsets[i] + lengths[i]], now, partial_csum)
         return n
 
 
