@@ -49,9 +49,13 @@ def extensions():
         print("*** _fastpath: Cython missing; pure-Python build ***", file=sys.stderr)
         return []
     print("*** _fastpath: accelerated build ***", file=sys.stderr)
-    ext = Extension("_fastpath._cengine", ["_fastpath/_cengine.pyx"],
-                    extra_compile_args=["-O3", "-Wno-unused-function"])
-    return cythonize([ext], compiler_directives={"language_level": 3}, quiet=True)
+    flags = ["-O3", "-Wno-unused-function"]
+    exts = [
+        Extension("_fastpath._cengine", ["_fastpath/_cengine.pyx"], extra_compile_args=flags),
+        # the inline bridge's forwarding loop; cimports the engine's C core
+        Extension("appliance._bridge", ["appliance/_bridge.pyx"], extra_compile_args=flags),
+    ]
+    return cythonize(exts, compiler_directives={"language_level": 3}, include_path=["."], quiet=True)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
