@@ -154,3 +154,33 @@ def test_process_logs_and_status(make_lab):
     assert time.monotonic() - t0 < 5
     assert "linkem-la" not in json.loads(lab.state_file.read_text())["processes"]
     assert os.path.exists(lab.lab_dir / "http-a.log")
+
+
+def test_appliance_path_with_a_stand_in_bridge(make_lab, tmp_path):
+    """client_path="appliance": whatever bridges ca's bare ports (here the link element as a
+    stand-in for the client appliance, offloads off since it has no PACKET_VNET_HDR) connects c1."""
+    lab = make_lab(replicas=("a",), client_path="appliance", offloads="off", appliances=False)
+    assert ping(lab, "c1", lab.ip("a")).returncode != 0
+    log = open(tmp_path / "standin.log", "wb")
+    p = lab.popen("ca", [labutil.PYTHON, "-m", "appliance.linkem", "--ports", "cl0", "up0", "--node", "standin",
+                         "--state-dir", str(tmp_path), "--duration", "30"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and ping(lab, "c1", lab.ip("a")).returncode != 0:
+            assert p.poll() is None, (tmp_path / "standin.log").read_text()
+        res = lab.run("c1", ["sh", "-c", f"curl -sf {lab.url('a', '/obj-10m')} | sha256sum"], timeout=30)
+        assert res.stdout.split()[0] == lab.objects["/obj-10m"][1]
+    finally:
+        p.terminate()
+        p.wait(5)
+        log.close()
+
+
+def test_missing_nginx_is_a_clear_error(netns_ok, monkeypatch):
+    import appliance.lab as labmod
+
+    monkeypatch.setattr(labmod, "NGINX", "/nonexistent/nginx")
+    name = labutil.unique_name()
+    with pytest.raises(LabError, match="nginx requested but /nonexistent/nginx is missing"):
+        Lab(name, server="nginx").up()
+    labutil.assert_gone(name)
