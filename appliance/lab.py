@@ -1079,6 +1079,12 @@ def _cli_up(args) -> int:
                   appliances=not args.no_appliances, object_sizes=[s for s in args.objects.split(",") if s])
     except LabError as exc:
         msg = str(exc)
+        m = re.match(r"links\['([^']*)'\]\['(\w+)'\]: (.*)", msg, re.S)
+        if m:
+            opt = {"rate": "--rate", "delay_ms": "--delay", "loss": "--loss"}.get(m.group(2), "--" + m.group(2))
+            msg = f"{opt} {m.group(1)}=...: {m.group(3)}"
+        elif msg.startswith("links: "):
+            msg = "--rate/--delay/--loss: " + msg[len("links: "):]
         for opt in ("clients", "replicas", "server", "client_path", "offloads", "object_sizes", "name"):
             if msg.startswith(opt + ":"):
                 msg = "--" + {"client_path": "client-path", "object_sizes": "objects"}.get(opt, opt) + msg[len(opt):]
