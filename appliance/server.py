@@ -1,0 +1,161 @@
+"""`appliance server`: the server appliance, first form: tap -> stream mapper -> status files.
+
+    appliance server --iface eth0 --port 80 [--port 8080 ...] --node NAME --state-dir DIR
+                     [--pcap-out FILE] [--status-interval 0.5] [--snaplen 4096]
+                     [--buffer-mb 32] [--idle-timeout 300]
+
+One process, one plain loop: select() on the capture's fd (and on a signal wake-up pipe),
+read the frames the kernel's BPF filter admitted (appliance.tap), feed them to the
+sans-I/O stream mapper (appliance.streammap) with their capture timestamps, and report
+through appliance.statusfile.StatusWriter(DIR, "server", NODE):
+
+* events (<DIR>/server-NODE.events.jsonl): one line per mapper event, "event" being
+  conn_open, request, response_start or conn_close, with the event's JSON fields
+  (Event.to_dict(): the connection's identity, and Ni/Na/options, the request, the
+  response with its body start seq and validators, or how it closed);
+* status (<DIR>/server-NODE.status.json), written as soon as the capture is active and then
+  every --status-interval seconds: {"ready": true, "node", "iface", "ports", "pid",
+  "tap": capture counters (received, dropped, ifdropped, frames, bytes, truncated, ...),
+  "mapper": mapper counters (frames, malformed by kind, connections, ...),
+  "connections": [Connection.to_dict() of each live or recently closed connection]}.
+
+SIGTERM and SIGINT stop the loop; the frames still in the ring are read, a last status is
+written with "ready": false and "stopped": true, and the exit status is 0.
+A missing interface or missing privilege (or any other failure to open the capture) prints
+one line naming it on stderr, writes {"ready": false, "error": ...} and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+from .statusfile import StatusWriter
+
+PROG = "appliance server"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("server", help="run the server appliance (passive tap + stream mapper)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--iface", required=True, help="interface to capture on (the replica's own)")
+    p.add_argument("--port", type=int, action="append", dest="ports", metavar="PORT",
+                   help="service port (repeatable; default 80)")
+    p.add_argument("--node", required=True, help="this replica's name (status file names)")
+    p.add_argument("--state-dir", required=True, help="where status and event files go")
+    p.add_argument("--pcap-out", default=None, help="also write every captured frame to this pcap file")
+    p.add_argument("--status-interval", type=float, default=0.5, help="seconds between status snapshots")
+    p.add_argument("--snaplen", type=int, default=4096, help="bytes captured per frame")
+    p.add_argument("--buffer-mb", type=int, default=32, help="capture ring size in MiB")
+    p.add_argument("--idle-timeout", type=float, default=300.0, help="forget connections idle this long (s)")
+    p.set_defaults(func=run)
+
+
+def _fail(message: str, writer=None, **fields) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    if writer is not None:
+        try:
+            writer.status({"ready": False, "error": message, "pid": os.getpid(), **fields})
+        except OSError:
+            pass
+    return 2
+
+
+def run(args) -> int:
+    # Imported here so that `appliance --help` works without pcapy/httptools.
+    from .streammap import StreamMapper
+    from .tap import Tap, TapError
+
+    ports = sorted(set(args.ports or [80]))
+    for p in ports:
+        if not 1 <= p <= 65535:
+            return _fail(f"not a TCP port: {p}")
+    if args.status_interval <= 0:
+        return _fail("--status-interval must be positive")
+    try:
+        writer = StatusWriter(args.state_dir, "server", args.node)
+    except OSError as exc:
+        return _fail(f"cannot write to state dir {args.state_dir}: {exc.strerror or exc}")
+    ident = {"node": args.node, "iface": args.iface, "ports": ports}
+    try:
+        try:
+            tap = Tap(args.iface, ports, snaplen=args.snaplen, buffer_size=args.buffer_mb << 20,
+                      pcap_out=args.pcap_out)
+        except TapError as exc:
+            return _fail(str(exc), writer, **ident)
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot capture on {args.iface}: {exc}", writer, **ident)
+        mapper = StreamMapper(service_ports=ports, idle_timeout=args.idle_timeout)
+        try:
+            return _loop(args, tap, mapper, writer, ident)
+        finally:
+            tap.close()
+    finally:
+        writer.close()
+
+
+def _snapshot(tap, mapper, ident: dict, started: float, ready: bool = True, **extra) -> dict:
+    return {"ready": ready, **ident, "pid": os.getpid(), "started": started, "time": time.time(),
+            "link": tap.datalink, "tap": tap.stats(), "mapper": mapper.counters(),
+            "connections": [c.to_dict() for c in mapper.connections()], **extra}
+
+
+def _loop(args, tap, mapper, writer, ident: dict) -> int:
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    started = time.time()
+    batch = 1024
+
+    def drain() -> None:
+        while True:
+            frames = tap.read(batch)
+            for ts, data, wire_len in frames:
+                for ev in mapper.handle_frame(data, ts, tap.link, wire_len):
+                    writer.event(ev.kind, **ev.to_dict())
+            if len(frames) < batch:
+                return
+
+    try:
+        writer.status(_snapshot(tap, mapper, ident, started))  # the capture is active: ready
+        fd = tap.fileno()
+        interval = args.status_interval
+        next_status = time.monotonic() + interval
+        while not stop:
+            timeout = max(0.0, min(next_status - time.monotonic(), 0.25))
+            try:
+                readable, _, _ = select.select([fd, wake_r], [], [], timeout)
+            except InterruptedError:  # pragma: no cover  (PEP 475 retries; kept for clarity)
+                readable = []
+            if wake_r in readable:
+                try:
+                    wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            drain()  # also when select timed out: a retired ring block may not wake select
+            if time.monotonic() >= next_status:
+                for ev in mapper.expire(time.time()):
+                    writer.event(ev.kind, **ev.to_dict())
+                writer.status(_snapshot(tap, mapper, ident, started))
+                next_status = time.monotonic() + interval
+        drain()
+        sig = signal.Signals(stop[0]).name if stop else None
+        writer.status(_snapshot(tap, mapper, ident, started, ready=False, stopped=True, signal=sig))
+        return 0
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        wake_r.close()
+        wake_w.close()
