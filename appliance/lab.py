@@ -570,8 +570,9 @@ class Lab:
             self._is_up = True
             self._save()
             if self.appliances:
-                for rep in self.replicas:
-                    self.start_server_appliance(rep)
+                started = [rep for rep in self.replicas if self.start_server_appliance(rep, wait=False) is not None]
+                for rep in started:  # all start in parallel, then each must report ready
+                    self.wait_server_appliance(rep)
                 if self.client_path == "appliance":
                     self.start_client_appliance()
         except BaseException:
@@ -851,7 +852,7 @@ http {{
     def stop_client_appliance(self) -> None:
         self._stop("client-ca")
 
-    def start_server_appliance(self, replica: str, extra_args=()):
+    def start_server_appliance(self, replica: str, extra_args=(), wait: bool = True):
         """Start the server appliance on `replica`; None if appliance.server does not exist yet."""
         self.replica_index(replica)
         if importlib.util.find_spec("appliance.server") is None:
@@ -862,8 +863,12 @@ http {{
                 "--state-dir", self.lab_dir, *extra_args]
         label = f"server-{replica}"
         p = self._spawn(label, replica, argv)
-        self._wait(label, self._status_ready("server", replica), "server appliance")
+        if wait:
+            self.wait_server_appliance(replica)
         return p
+
+    def wait_server_appliance(self, replica: str, timeout: float = READY_TIMEOUT) -> None:
+        self._wait(f"server-{replica}", self._status_ready("server", replica), "server appliance", timeout)
 
     def stop_server_appliance(self, replica: str) -> None:
         self.replica_index(replica)
@@ -1115,8 +1120,9 @@ def _cli_status(args) -> int:
     for label, p in sorted(st["processes"].items()):
         print(f"  process {label:14} pid {p['pid']:<8} {'alive' if p['alive'] else 'DEAD'}  log {p['log']}")
     for key, a in sorted(st["appliances"].items()):
-        keys = [k for k in ("ready", "connections", "peers", "migrations", "total") if k in a]
-        summary = ", ".join(f"{k}={json.dumps(a[k], sort_keys=True)}" for k in keys)
+        keys = [k for k in ("ready", "error", "connections", "peers", "migrations", "total") if k in a]
+        summary = ", ".join(f"{k}={len(a[k]) if isinstance(a[k], list) else json.dumps(a[k], sort_keys=True)}"
+                            for k in keys)
         print(f"  status {key:14} {summary}")
     return 0 if st["up"] else 1
 
