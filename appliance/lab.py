@@ -69,13 +69,17 @@ Python API::
         p = lab.popen("c1", ["iperf3", "-c", lab.ip("a")], stdout=subprocess.PIPE)
         lab.set_client_path("appliance")   # stops/starts the client appliance, removes/adds br0
         lab.stop_server_appliance("a"); lab.start_server_appliance("a", extra_args=[...])
+        lab.start_server_appliance("b", wait=False); lab.wait_server_appliance("b")
         lab.start_client_appliance(); lab.stop_client_appliance()
         lab.status()            # dict: namespaces, addresses, processes, appliance status files
     Lab.down_by_name("t1")      # tear down whatever is left, even without a state file
     Lab.attach("t1")            # a Lab object for a lab another process brought up
 
-``run()`` captures text output unless told otherwise and raises LabCommandError (a
-CalledProcessError whose message includes stderr) when ``check`` is true.
+``run()`` captures text output unless told otherwise (pass ``stdout=``/``stderr=``/``text=``)
+and raises LabCommandError (a CalledProcessError whose message includes stderr) when
+``check`` is true. ``popen()`` returns the Popen of the command itself (``ip netns exec``
+execs it), so terminate() reaches it; anything left running in a namespace dies at down().
+The appliances find the lab's addresses in ``LABDIR/topology.json``.
 
 CLI: ``appliance lab up [--name N] [--clients N] [--replicas a,b,c] [--server builtin|nginx]
 [--client-path appliance|bridge] [--offloads on|off] [--rate LINK=RATE]... [--delay LINK=MS]...

@@ -126,6 +126,11 @@ def test_appliances_started_or_skipped(make_lab, capfd):
             assert lab.procs[label] and labutil.pid_alive(lab.procs[label]["pid"])
             st = lab.status()["appliances"][f"{role}-{node}"]
             assert st["ready"] is True
+    if "client-ca" in lab.procs:
+        # the client appliance bridges ca's ports: c1 reaches a, bytes intact
+        assert ping(lab, "c1", lab.ip("a"), count=2).returncode == 0
+        res = lab.run("c1", ["sh", "-c", f"curl -sf {lab.url('a', '/obj-10m')} | sha256sum"], timeout=30)
+        assert res.stdout.split()[0] == lab.objects["/obj-10m"][1]
 
 
 def test_node_names_and_errors(netns_ok):
