@@ -17,7 +17,10 @@ through appliance.statusfile.StatusWriter(DIR, "server", NODE):
   every --status-interval seconds: {"ready": true, "node", "iface", "ports", "pid",
   "tap": capture counters (received, dropped, ifdropped, frames, bytes, truncated, ...),
   "mapper": mapper counters (frames, malformed by kind, connections, ...),
-  "connections": [Connection.to_dict() of each live or recently closed connection]}.
+  "connections": [Connection.to_dict() of each live or recently closed connection, at most
+  --status-max-connections of them, the most recently seen], "connections_omitted": n}.
+  "mapper" also has "errors": frames the mapper raised on (a bug; the first traceback goes
+  to stderr, and the loop carries on).
 
 SIGTERM and SIGINT stop the loop; the frames still in the ring are read, a last status is
 written with "ready": false and "stopped": true, and the exit status is 0.
@@ -33,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 
 from .statusfile import StatusWriter
 
@@ -52,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--snaplen", type=int, default=4096, help="bytes captured per frame")
     p.add_argument("--buffer-mb", type=int, default=32, help="capture ring size in MiB")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="forget connections idle this long (s)")
+    p.add_argument("--status-max-connections", type=int, default=1000,
+                   help="at most this many connections (the most recently seen) in each status snapshot")
     p.set_defaults(func=run)
 
 
@@ -98,10 +104,16 @@ def run(args) -> int:
         writer.close()
 
 
-def _snapshot(tap, mapper, ident: dict, started: float, ready: bool = True, **extra) -> dict:
+def _snapshot(tap, mapper, ident: dict, started: float, limit: int, errors: int, ready: bool = True,
+              **extra) -> dict:
+    conns = mapper.connections()
+    shown = sorted(conns, key=lambda c: c.last_seen)[-limit:] if len(conns) > limit else conns
+    counters = mapper.counters()
+    counters["errors"] = errors
     return {"ready": ready, **ident, "pid": os.getpid(), "started": started, "time": time.time(),
-            "link": tap.datalink, "tap": tap.stats(), "mapper": mapper.counters(),
-            "connections": [c.to_dict() for c in mapper.connections()], **extra}
+            "link": tap.datalink, "tap": tap.stats(), "mapper": counters,
+            "connections": [c.to_dict() for c in shown], "connections_omitted": len(conns) - len(shown),
+            **extra}
 
 
 def _loop(args, tap, mapper, writer, ident: dict) -> int:
@@ -117,18 +129,30 @@ def _loop(args, tap, mapper, writer, ident: dict) -> int:
     old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     started = time.time()
     batch = 1024
+    errors = [0]
+    limit = max(0, args.status_max_connections)
+
+    def snapshot(**extra) -> dict:
+        return _snapshot(tap, mapper, ident, started, limit, errors[0], **extra)
 
     def drain() -> None:
         while True:
             frames = tap.read(batch)
             for ts, data, wire_len in frames:
-                for ev in mapper.handle_frame(data, ts, tap.link, wire_len):
+                try:
+                    events = mapper.handle_frame(data, ts, tap.link, wire_len)
+                except Exception:  # a mapper bug must not take the tap down: count, report the first
+                    errors[0] += 1
+                    if errors[0] == 1:
+                        traceback.print_exc(file=sys.stderr)
+                    continue
+                for ev in events:
                     writer.event(ev.kind, **ev.to_dict())
             if len(frames) < batch:
                 return
 
     try:
-        writer.status(_snapshot(tap, mapper, ident, started))  # the capture is active: ready
+        writer.status(snapshot())  # the capture is active: ready
         fd = tap.fileno()
         interval = args.status_interval
         next_status = time.monotonic() + interval
@@ -147,11 +171,11 @@ def _loop(args, tap, mapper, writer, ident: dict) -> int:
             if time.monotonic() >= next_status:
                 for ev in mapper.expire(time.time()):
                     writer.event(ev.kind, **ev.to_dict())
-                writer.status(_snapshot(tap, mapper, ident, started))
+                writer.status(snapshot())
                 next_status = time.monotonic() + interval
         drain()
         sig = signal.Signals(stop[0]).name if stop else None
-        writer.status(_snapshot(tap, mapper, ident, started, ready=False, stopped=True, signal=sig))
+        writer.status(snapshot(ready=False, stopped=True, signal=sig))
         return 0
     finally:
         signal.set_wakeup_fd(old_wakeup)

@@ -23,7 +23,7 @@ from appliance import statusfile
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-SERVER_IP, CLIENT_IP = "10.99.0.1", "10.99.0.2"
+ADDRS = {4: ("10.99.0.1", "10.99.0.2", 24), 6: ("fd00:99::1", "fd00:99::2", 64)}
 SIZES = {"small.bin": 5000, "large.bin": 300000}
 
 
@@ -53,8 +53,10 @@ def netns_pair():
             _ip("netns", "add", ns)
             made.append(ns)
         _ip("-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", c)
-        for ns, addr in ((s, SERVER_IP), (c, CLIENT_IP)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+        for i, ns in enumerate((s, c)):
+            for fam, addrs in ADDRS.items():
+                extra = ["nodad"] if fam == 6 else []
+                _ip("-n", ns, "addr", "add", f"{addrs[i]}/{addrs[2]}", "dev", "eth0", *extra)
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
         yield s, c
@@ -86,27 +88,30 @@ def _stop(p: subprocess.Popen, sig=signal.SIGTERM, timeout=5.0):
 
 HTTP_SERVERS = {
     # Python's own: the head and the body leave in separate sends
-    "http.server": lambda root: [PYTHON, "-m", "http.server", "--protocol", "HTTP/1.1", "--bind", SERVER_IP,
-                                 "--directory", str(root), "80"],
+    "http.server": lambda root, ip: [PYTHON, "-m", "http.server", "--protocol", "HTTP/1.1", "--bind", ip,
+                                     "--directory", str(root), "80"],
     # the project's: head corked with a sendfile body, so the head rides in a TSO super-frame
     # that the 4096-byte snaplen cuts
-    "appliance.httpserver": lambda root: [PYTHON, "-m", "appliance.httpserver", "--root", str(root),
-                                          "--bind", SERVER_IP, "--port", "80"],
+    "appliance.httpserver": lambda root, ip: [PYTHON, "-m", "appliance.httpserver", "--root", str(root),
+                                              "--bind", ip, "--port", "80"],
 }
 
 
 @pytest.mark.lab
-@pytest.mark.parametrize("server", sorted(HTTP_SERVERS))
-def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path, server):
+@pytest.mark.parametrize("server,family", [("http.server", 4), ("appliance.httpserver", 4), ("http.server", 6)])
+def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path, server, family):
     from scapy.config import conf
 
     conf.verb = 0
     from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
     from scapy.utils import rdpcap
 
     if server == "appliance.httpserver" and not (REPO / "appliance" / "httpserver.py").exists():
         pytest.skip("appliance.httpserver is not there")
     ns_s, ns_c = netns_pair
+    server_ip, client_ip, _ = ADDRS[family]
+    url_host = server_ip if family == 4 else f"[{server_ip}]"
     docroot = tmp_path / "www"
     docroot.mkdir()
     for name, size in SIZES.items():
@@ -115,7 +120,8 @@ def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path,
     pcap = tmp_path / "tap.pcap"
     procs = []
     try:
-        httpd = subprocess.Popen(["ip", "netns", "exec", ns_s, *HTTP_SERVERS[server](docroot)], cwd=REPO,
+        argv = HTTP_SERVERS[server](docroot, server_ip)
+        httpd = subprocess.Popen(["ip", "netns", "exec", ns_s, *argv], cwd=REPO,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(httpd)
         app = subprocess.Popen(
@@ -129,9 +135,9 @@ def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path,
         _wait(lambda: "LISTEN" in _ip("netns", "exec", ns_s, "ss", "-Hltn", "sport = :80", check=False).stdout
               or "80" in _ip("netns", "exec", ns_s, "ss", "-Hltn", "sport = :80", check=False).stdout,
               10, "the HTTP server to listen")
-        urls = [f"http://{SERVER_IP}/{name}" for name in SIZES]
+        urls = [f"http://{url_host}/{name}" for name in SIZES]
         res = subprocess.run(
-            ["ip", "netns", "exec", ns_c, "curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-o", "/dev/null",
+            ["ip", "netns", "exec", ns_c, "curl", "-sS", "-g", "--max-time", "10", "-o", "/dev/null", "-o", "/dev/null",
              "-w", "%{num_connects} %{size_download}\\n", *urls], capture_output=True, text=True, timeout=20)
         assert res.returncode == 0, res.stderr
         lines = [line.split() for line in res.stdout.splitlines()]
@@ -164,7 +170,7 @@ def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path,
     assert kinds == ["conn_open", "request", "response_start", "request", "response_start", "conn_close"], kinds
     requests = [e["request"] for e in events if e["event"] == "request"]
     assert [r["path"] for r in requests] == [f"/{name}" for name in SIZES]
-    assert all(r["method"] == "GET" and r["host"] == SERVER_IP for r in requests)
+    assert all(r["method"] == "GET" and r["host"] == url_host for r in requests)
     responses = [e for e in events if e["event"] == "response_start"]
     assert [e["request"]["path"] for e in responses] == [f"/{name}" for name in SIZES]
     assert [e["response"]["content_length"] for e in responses] == list(SIZES.values())
@@ -183,17 +189,20 @@ def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path,
     syn = next(p for p in pkts if TCP in p and p[TCP].flags == "S")
     synack = next(p for p in pkts if TCP in p and p[TCP].flags == "SA")
     assert events[0]["ni"] == syn[TCP].seq and events[0]["na"] == synack[TCP].seq
-    assert events[0]["client_port"] == syn[TCP].sport and events[0]["client"] == CLIENT_IP
+    assert events[0]["client_port"] == syn[TCP].sport and events[0]["client"] == client_ip
+    L3 = IP if family == 4 else IPv6
+    assert all(L3 in p for p in pkts)
+    assert final["connections"][0]["ip_version"] == family
     heads = []
     for p in pkts:
-        if TCP in p and p[IP].src == SERVER_IP:
+        if TCP in p and p[L3].src == server_ip:
             payload = bytes(p[TCP].payload)
             if payload.startswith(b"HTTP/"):
                 head_len = payload.index(b"\r\n\r\n") + 4
                 heads.append((p[TCP].seq, (p[TCP].seq + head_len) & 0xFFFFFFFF))
     assert [(e["response"]["head_seq"], e["response"]["body_start"]) for e in responses] == heads
     gets = [(p[TCP].seq, bytes(p[TCP].payload)) for p in pkts
-            if TCP in p and p[IP].src == CLIENT_IP and bytes(p[TCP].payload).startswith(b"GET ")]
+            if TCP in p and p[L3].src == client_ip and bytes(p[TCP].payload).startswith(b"GET ")]
     assert [(r["start_seq"], r["raw"].encode("latin-1")) for r in requests] == gets
     json.dumps(final)  # the snapshot is plain JSON
 

@@ -721,3 +721,35 @@ def test_counters_and_snapshot_are_json():
     for conn in m.connections():
         d = conn.to_dict()
         assert jsonable(d) == d
+
+
+def test_mutated_and_cut_frames_never_raise():
+    """A deterministic fuzz: bit flips, cuts and snaplen claims on a real exchange's frames."""
+    import random
+
+    rnd = random.Random(1234)
+    flow = Flow()
+    frames = [flow.syn(), flow.synack(), flow.c(get("/a")), flow.s(ok_head(100)),
+              flow.c(b"POST /p HTTP/1.1\r\nContent-Length: 5\r\nHost: h\r\n\r\nhello" + get("/b")),
+              flow.s(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+              flow.c(flags=fp.FIN | fp.ACK), flow.s(flags=fp.RST)]
+    six = Flow(client=C6, server=S6)
+    frames += [six.syn(), six.synack(), six.c(get("/6")), six.s(ok_head(1))]
+    for round_ in range(3):
+        m = StreamMapper(max_connections=4, max_ooo_bytes=2000)
+        now = 0.0
+        for _ in range(600):
+            f = bytearray(rnd.choice(frames))
+            for _ in range(rnd.randrange(4)):
+                f[rnd.randrange(len(f))] = rnd.randrange(256)
+            wire = None
+            if rnd.random() < 0.3:
+                cut = rnd.randrange(len(f) + 1)
+                wire = len(f) if rnd.random() < 0.7 else len(f) + rnd.randrange(70000)
+                f = f[:cut]
+            now += rnd.random() * 50
+            for ev in m.handle_frame(bytes(f), now, wire_len=wire):
+                json.dumps(ev.to_dict())
+        json.dumps(m.counters())
+        for conn in m.connections():
+            json.dumps(conn.to_dict())
