@@ -20,6 +20,8 @@ from . import bridge as bridge_mod
 from .shim import IN, OUT, ClientShim
 from .statusfile import StatusWriter
 
+STATUS_MAX_CONNECTIONS = 200  # per snapshot, most recent first; the event log has them all
+
 
 def register(sub) -> None:
     p = sub.add_parser("client", help="run the client appliance (inline bridge between two ports)")
@@ -70,10 +72,12 @@ class ClientAppliance:
         with self._lock:
             self.shim.tick(time.monotonic())
             self._log_events()
-            conns = self.shim.snapshot()
+            conns = self.shim.snapshot(limit=STATUS_MAX_CONNECTIONS)
+            total = len(self.shim.connections)
             counters = dict(self.shim.counters)
         return {"ready": True, "role": "client", "build": fp.BUILD, "bridge": self.bridge.stats(),
-                "table": self.table.stats(), "shim": counters, "connections": conns, "started": self.started}
+                "table": self.table.stats(), "shim": counters, "connections": conns,
+                "connections_omitted": total - len(conns), "started": self.started}
 
 
 def run(args) -> int:

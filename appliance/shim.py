@@ -169,10 +169,14 @@ class ClientShim:
                 self._events.append(("conn_forgotten", {"client": list(conn.client), "server": list(conn.server),
                                                         "state": conn.state}))
 
-    def snapshot(self) -> list:
-        """Every connection with what the fast path last saw each way (JSON-able)."""
+    def snapshot(self, limit: int = None) -> list:
+        """Connections (the `limit` most recently opened) with what the fast path last saw
+        each way (JSON-able)."""
         out = []
-        for conn in self.connections.values():
+        conns = list(self.connections.values())
+        if limit is not None and len(conns) > limit:
+            conns = sorted(conns, key=lambda c: c.opened)[-limit:]
+        for conn in conns:
             c2s, s2c = self._flows(conn)
             d = dataclasses.asdict(conn)
             d["client"], d["server"] = list(conn.client), list(conn.server)

@@ -1060,6 +1060,10 @@ class StreamMapper:
         """Live connections (least recently seen first), then the recently closed ones."""
         return list(self._conns.values()) + list(self._closed)
 
+    def open_connections(self) -> List[Connection]:
+        """Live connections only, least recently seen first."""
+        return list(self._conns.values())
+
     def get(self, client, client_port: int, server, server_port: int) -> Optional[Connection]:
         """A live connection, or else the most recent closed one with that 4-tuple."""
         key = (fp.pack_address(client), client_port, fp.pack_address(server), server_port)

@@ -126,7 +126,8 @@ def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path,
         procs.append(httpd)
         app = subprocess.Popen(
             ["ip", "netns", "exec", ns_s, PYTHON, "-m", "appliance", "server", "--iface", "eth0", "--port", "80",
-             "--node", "s", "--state-dir", str(state), "--pcap-out", str(pcap), "--status-interval", "0.2"],
+             "--node", "s", "--state-dir", str(state), "--pcap-out", str(pcap), "--status-interval", "0.2",
+             "--events", "all"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(app)
         _wait(lambda: (statusfile.read_status(state, "server", "s") or {}).get("ready") or app.poll() is not None,
