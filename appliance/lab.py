@@ -95,6 +95,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -111,7 +112,7 @@ NETNS_DIR = Path("/run/netns")
 NS_PREFIX = "mig"
 NAME_RE = re.compile(r"[a-z0-9]{1,10}")
 REPLICA_RE = re.compile(r"[a-z][a-z0-9]{0,7}")
-RESERVED_NODES = {"ca", "r", "sw", "lclient", "client"}
+RESERVED_NODES = {"ca", "r", "sw", "sx", "lclient", "client"}
 MAX_CLIENTS = 200
 NGINX = "/usr/sbin/nginx"
 READY_TIMEOUT = 15.0
@@ -137,6 +138,29 @@ class LabCommandError(subprocess.CalledProcessError):
 
 
 # --- small helpers -------------------------------------------------------------------------
+
+
+SYNC_PORT = 7700
+
+
+def _toml(sections: dict) -> str:
+    """A small TOML writer for the group configs (str, bool, int, float, lists of those)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+    out = []
+    for name, table in sections.items():
+        out.append(f"[{name}]")
+        out += [f"{k} = {value(v)}" for k, v in table.items()]
+        out.append("")
+    return "\n".join(out)
 
 
 def ns_name(lab: str, node: str) -> str:
@@ -313,8 +337,13 @@ class Lab:
 
     def __init__(self, name: str = "lab", clients: int = 1, replicas=("a", "b", "c"), server: str = "builtin",
                  client_path: str = "appliance", offloads: str = "on", links=None, appliances: bool = True,
-                 object_sizes=None):
+                 object_sizes=None, sync: str = "zeroconf", group_key: str = None, group_config=None):
         self.name = _check_name(name)
+        if sync not in ("zeroconf", "static", "both"):
+            raise LabError(f"sync: want 'zeroconf', 'static' or 'both', got {sync!r}")
+        self.sync = sync
+        self.group_key = group_key or secrets.token_hex(16)
+        self.group_config = dict(group_config or {})  # extra TOML sections/keys for every replica
         if isinstance(clients, bool) or not isinstance(clients, int) or not 1 <= clients <= MAX_CLIENTS:
             raise LabError(f"clients: want an integer 1..{MAX_CLIENTS}, got {clients!r}")
         self.clients = clients
@@ -326,7 +355,7 @@ class Lab:
         for r in replicas:
             if not isinstance(r, str) or not REPLICA_RE.fullmatch(r) or r in RESERVED_NODES \
                     or re.fullmatch(r"c\d+", r):
-                raise LabError(f"replicas: bad replica name {r!r} (want [a-z][a-z0-9]{{0,7}}, not ca, r, sw, "
+                raise LabError(f"replicas: bad replica name {r!r} (want [a-z][a-z0-9]{{0,7}}, not ca, r, sw, sx, "
                                "client, lclient or c<digits>)")
         if len(set(replicas)) != len(replicas):
             raise LabError(f"replicas: duplicate names in {replicas}")
@@ -351,7 +380,7 @@ class Lab:
             raise LabError(f"object_sizes: {exc}") from None
         linknodes = [self.link_node(k) for k in self.links if self._needs_element(k)]
         nodes = [f"c{k}" for k in range(1, clients + 1)] + (["sw"] if clients > 1 else []) + ["ca"]
-        nodes += (["lclient"] if "lclient" in linknodes else []) + ["r"]
+        nodes += (["lclient"] if "lclient" in linknodes else []) + ["r", "sx"]
         for rep in replicas:
             if self.link_node(rep) in linknodes:
                 nodes.append(self.link_node(rep))
@@ -415,7 +444,8 @@ class Lab:
         return {"name": self.name, "clients": self.clients, "replicas": list(self.replicas), "server": self.server,
                 "client_path": self.client_path, "offloads": self.offloads,
                 "links": {k: {kk: vv for kk, vv in v.items() if kk != "rate_bps"} for k, v in self.links.items()},
-                "appliances": self.appliances, "object_sizes": list(self.object_sizes)}
+                "appliances": self.appliances, "object_sizes": list(self.object_sizes), "sync": self.sync,
+                "group_key": self.group_key, "group_config": self.group_config}
 
     # -- naming and addressing ------------------------------------------------------------
 
@@ -440,6 +470,48 @@ class Lab:
         self.ns(node)  # unknown node -> LabError
         raise LabError(f"node {node!r} has no IP address")
 
+    def sync_ip(self, replica: str) -> str:
+        """The replica's address on the support group's LAN (node sx): mDNS and sync datagrams."""
+        return f"10.70.200.{self.replica_index(replica)}"
+
+    def group_config_path(self, replica: str) -> Path:
+        return self.lab_dir / f"{replica}.toml"
+
+    def write_group_config(self, replica: str) -> Path:
+        """The server appliance's TOML for a replica: group lab-<name>, this lab's key, sync on sync0."""
+        peers = [f"{self.sync_ip(r)}:{SYNC_PORT}" for r in self.replicas if r != replica]
+        sections = {
+            "node": {"id": replica, "group": f"lab-{self.name}", "key": f"hex:{self.group_key}", "prefixes": ["/"]},
+            "sync": {"port": SYNC_PORT, "zeroconf": self.sync in ("zeroconf", "both"),
+                     "zeroconf_interfaces": [self.sync_ip(replica)],
+                     "peers": peers if self.sync in ("static", "both") else []},
+            "service": {"ports": [80], "iface": "eth0"},
+        }
+        for section, values in self.group_config.items():
+            sections.setdefault(section, {}).update(values)
+        path = self.group_config_path(replica)
+        path.write_text(_toml(sections))
+        return path
+
+    def kill_replica(self, replica: str) -> float:
+        """Crash a replica: SIGKILL every process in its namespace, then take its links down.
+        Returns the time.time() of the kill."""
+        ns = self.ns(replica)
+        t = time.time()
+        for pid in _pids_in_netns([ns]):  # SIGKILL at once: a crash says no goodbye
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._ip_batch(replica, ["link set eth0 down", "link set sync0 down"])
+        _reap(self._popen.values())
+        for label, info in list(self.procs.items()):
+            if info.get("node") == replica:
+                self.procs.pop(label, None)
+                self._popen.pop(label, None)
+        self._save()
+        return t
+
     def url(self, replica: str, path: str) -> str:
         if replica not in self.replicas:
             raise LabError(f"unknown replica {replica!r} (replicas: {', '.join(self.replicas)})")
@@ -459,7 +531,8 @@ class Lab:
                 "clients": {f"c{k}": self.ip(f"c{k}") for k in range(1, self.clients + 1)},
                 "router": {"cl0": "10.70.0.1", **{f"{r}0": f"10.70.{i}.1" for i, r in enumerate(self.replicas, 1)}},
                 "replicas": {r: {"ip": self.ip(r), "iface": "eth0", "gateway": f"10.70.{i}.1", "port": 80,
-                                 "index": i} for i, r in enumerate(self.replicas, 1)},
+                                 "index": i, "sync_ip": self.sync_ip(r), "sync_port": SYNC_PORT}
+                             for i, r in enumerate(self.replicas, 1)},
                 "client_appliance": {"node": "ca", "client_if": "cl0", "net_if": "up0"},
                 "docroot": self.docroot, "server": self.server, "links": self.options()["links"]}
 
@@ -531,7 +604,8 @@ class Lab:
         o = state["options"]
         lab = cls(name=name, clients=o["clients"], replicas=o["replicas"], server=o["server"],
                   client_path=o["client_path"], offloads=o["offloads"], links=o["links"],
-                  appliances=o["appliances"], object_sizes=o.get("object_sizes"))
+                  appliances=o["appliances"], object_sizes=o.get("object_sizes"), sync=o.get("sync", "zeroconf"),
+                  group_key=o.get("group_key"), group_config=o.get("group_config"))
         lab.procs = state.get("processes", {})
         lab._created = state.get("created", time.time())
         lab._is_up = state.get("phase") == "up"
@@ -607,6 +681,7 @@ class Lab:
                 pairs += [("r", f"{rep}0", ln, "r0"), (ln, "s0", rep, "eth0")]
             else:
                 pairs.append(("r", f"{rep}0", rep, "eth0"))
+            pairs.append(("sx", f"s{rep}", rep, "sync0"))  # the support group's LAN (mDNS, sync)
         return pairs
 
     def _build_topology(self) -> None:
@@ -634,9 +709,12 @@ class Lab:
                 cfg["sw"] += [f"link set {port} master br0", f"link set {port} up"]
         cfg["ca"] += ["link set cl0 promisc on", "link set up0 promisc on", "link set cl0 up", "link set up0 up"]
         cfg["r"] += ["link set cl0 up", "addr add 10.70.0.1/24 dev cl0"]
+        cfg["sx"] += ["link add br0 type bridge stp_state 0 forward_delay 0", "link set br0 up"]
         for i, rep in enumerate(self.replicas, 1):
             cfg["r"] += [f"link set {rep}0 up", f"addr add 10.70.{i}.1/24 dev {rep}0"]
             cfg[rep] += ["link set eth0 up", f"addr add 10.70.{i}.2/24 dev eth0", f"route add default via 10.70.{i}.1"]
+            cfg["sx"] += [f"link set s{rep} master br0", f"link set s{rep} up"]
+            cfg[rep] += ["link set sync0 up", f"addr add {self.sync_ip(rep)}/24 dev sync0"]
         for link in self.links:
             if self._needs_element(link):
                 ln = self.link_node(link)
@@ -863,7 +941,8 @@ http {{
             _warn(f"appliance.server does not exist yet: not starting the server appliance on {replica}")
             return None
         statusfile.status_path(self.lab_dir, "server", replica).unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "appliance", "server", "--iface", "eth0", "--port", "80", "--node", replica,
+        config = self.write_group_config(replica)
+        argv = [sys.executable, "-m", "appliance", "server", "--config", str(config), "--node", replica,
                 "--state-dir", self.lab_dir, *extra_args]
         label = f"server-{replica}"
         p = self._spawn(label, replica, argv)

@@ -46,10 +46,13 @@ PROG = "appliance server"
 def register(subparsers) -> None:
     p = subparsers.add_parser("server", help="run the server appliance (passive tap + stream mapper)",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--iface", required=True, help="interface to capture on (the replica's own)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="the appliance's TOML config (docs/support-group.md): with it the appliance also "
+                        "joins its support group (sync, health, selection); without it, it only maps streams")
+    p.add_argument("--iface", default=None, help="interface to capture on (the replica's own; or service.iface)")
     p.add_argument("--port", type=int, action="append", dest="ports", metavar="PORT",
-                   help="service port (repeatable; default 80)")
-    p.add_argument("--node", required=True, help="this replica's name (status file names)")
+                   help="service port (repeatable; default service.ports, else 80)")
+    p.add_argument("--node", default=None, help="this replica's name (default node.id)")
     p.add_argument("--state-dir", required=True, help="where status and event files go")
     p.add_argument("--pcap-out", default=None, help="also write every captured frame to this pcap file")
     p.add_argument("--status-interval", type=float, default=0.5, help="seconds between status snapshots")
@@ -93,6 +96,21 @@ def run(args) -> int:
     from .streammap import StreamMapper
     from .tap import SocketTap, Tap, TapError
 
+    config = None
+    if args.config:
+        from .config import ConfigError, load
+        try:
+            config = load(args.config)
+        except ConfigError as exc:
+            return _fail(str(exc))
+        args.iface = args.iface or config.service.iface
+        args.ports = args.ports or list(config.service.ports)
+        args.node = args.node or config.node.id
+    if not args.iface:
+        return _fail("--iface is required (or service.iface in --config)")
+    if not args.node:
+        return _fail("--node is required (or node.id in --config)")
+    args.group_config = config
     ports = sorted(set(args.ports or [80]))
     for p in ports:
         if not 1 <= p <= 65535:

@@ -34,7 +34,7 @@ def test_cli_round_trip(netns_ok):
         for text in (f"mig-{name}-c2", f"mig-{name}-lclient", "10.70.2.2/24", "10.70.0.12/24", "alive"):
             assert text in st.stdout
         js = json.loads(cli("status", "--name", name, "--json").stdout)
-        assert js["up"] is True and set(js["nodes"]) == {"c1", "c2", "sw", "ca", "lclient", "r", "a", "b"}
+        assert js["up"] is True and set(js["nodes"]) == {"c1", "c2", "sw", "ca", "lclient", "r", "sx", "a", "b"}
         assert js["appliances"]["linkem-lclient"]["ready"] is True
 
         ping = cli("exec", "c2", "--name", name, "--", "ping", "-c", "2", "-i", "0.2", "-W", "2", "10.70.2.2")

@@ -25,7 +25,7 @@ def ping(lab, node, dst, count=1, wait=1):
 def test_up_down_leaves_nothing_and_client_path_switches(make_lab):
     lab = make_lab(replicas=("a", "b"), client_path="appliance", appliances=False)
     name = lab.name
-    assert sorted(labutil.lab_namespaces(name)) == sorted(f"mig-{name}-{n}" for n in ("c1", "ca", "r", "a", "b"))
+    assert sorted(labutil.lab_namespaces(name)) == sorted(f"mig-{name}-{n}" for n in ("c1", "ca", "r", "sx", "a", "b"))
     state = json.loads(lab.state_file.read_text())
     pids = [p["pid"] for p in state["processes"].values()]
     assert len(pids) == 2 and all(labutil.pid_alive(p) for p in pids)
@@ -78,7 +78,7 @@ def test_down_after_crash(netns_ok, keep_state_file):
     pids = [p["pid"] for p in state["processes"].values()]
     assert len(pids) == 3  # two HTTP servers and the link element outlived their parent
     assert all(labutil.pid_alive(p) for p in pids)
-    assert len(labutil.lab_namespaces(name)) == 6
+    assert len(labutil.lab_namespaces(name)) == 7  # c1 ca r sx a lb b
     if not keep_state_file:
         (LAB_ROOT / f"{name}.json").unlink()
     Lab.down_by_name(name)
@@ -135,7 +135,7 @@ def test_appliances_started_or_skipped(make_lab, capfd):
 
 def test_node_names_and_errors(netns_ok):
     lab = Lab(labutil.unique_name(), replicas=("a", "b", "c"), links={"b": {"delay_ms": 5}, "client": {"loss": 0.1}})
-    assert lab.nodes == ["c1", "ca", "lclient", "r", "a", "lb", "b", "c"]
+    assert lab.nodes == ["c1", "ca", "lclient", "r", "sx", "a", "lb", "b", "c"]
     assert lab.ns("lb") == f"mig-{lab.name}-lb"
     assert lab.ip("c1") == "10.70.0.11" and lab.ip("r") == "10.70.0.1" and lab.ip("c") == "10.70.3.2"
     assert lab.url("b", "obj-1m") == "http://10.70.2.2/obj-1m"
