@@ -326,6 +326,9 @@ class TakeoverPlanner:
         part. `entries`: {key: entry} or an iterable of entries with `.key`. `members`:
         {node: MemberInfo-like}, self included (the dead node is excluded whatever its
         `alive`). Connections already pending, acted on, or claimed are skipped."""
+        if self.self_node not in members:
+            raise ValueError(f"members must include this node ({self.self_node!r}), with the "
+                             "load it last advertised")
         self._expire(now)
         if isinstance(entries, Mapping):
             items = entries.items()

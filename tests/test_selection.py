@@ -524,6 +524,12 @@ def test_memory_expires():
     assert p.counters()["claimed_before_decision"] == 0 and p.pending() + p.acted >= 1
 
 
+def test_self_must_be_a_member():
+    p = TakeoverPlanner("z")
+    with pytest.raises(ValueError, match="include this node"):
+        p.peer_dead("a", 1, dead_entries(3), {"a": MemberInfo(), "b": MemberInfo()}, 0.0)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         TakeoverPlanner("")
