@@ -436,6 +436,24 @@ def test_prefixes_restrict_who_acts():
     assert {who[key_of(i)] for i in range(300, 400)} == {"d"}
 
 
+def test_real_sync_entries():
+    """appliance.sync.Entry as the planner gets it: ACTIVE with an ObjectRef, IDLE without."""
+    sync = pytest.importorskip("appliance.sync")
+
+    def mk(i, path):
+        obj = None if path is None else sync.ObjectRef("h", path, '"e"', None, 10 ** 6)
+        return sync.Entry(bytes([10, 0, 0, i]), 40000 + i, SERVER, 80, 1, 2, 1460, 7, True,
+                          True, 1460, 7, True, True, True, 0,
+                          sync.IDLE if obj is None else sync.ACTIVE, obj, None, 200, 3, 0, 10 ** 6)
+
+    ents = {e.key: e for e in (mk(1, "/video/a"), mk(2, "/audio/b"), mk(3, None))}
+    members = {"a": MemberInfo(alive=False), "b": MemberInfo(0.2, ("/video",))}
+    p = TakeoverPlanner("b")
+    p.peer_dead("a", 1, ents, members, 0.0)
+    assert {a.entry.client_port for a in p.due(0.0)} == {40001, 40003}
+    assert p.no_candidate == 1
+
+
 def test_no_candidate_counted():
     p = TakeoverPlanner("b")
     members = {"a": MemberInfo(alive=False), "b": MemberInfo(0.1, ("/video",))}
