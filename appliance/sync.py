@@ -1,0 +1,1551 @@
+"""Support-group soft-state synchronization: wire codec, replay protection, advertisement
+pages and the peer table (sans-I/O; the design of record is docs/support-group.md).
+
+No sockets, no clock: `now` (seconds, any monotonic epoch) is always passed in, datagrams go
+in and out as bytes. The adapter sends every datagram of `outgoing()` to every peer and
+feeds every datagram it receives to `receive()`.
+
+    node = SyncNode("a", "video", key, epoch=time_us())
+    node.add_local(entry, now)               # a response started: delta ADVERT at once
+    node.remove_local(entry.key, now)        # the connection ended: WITHDRAW at once
+    for kind, datagram in node.outgoing(now):   # call it every few ms (each heartbeat tick)
+        send_to_every_peer(datagram)
+    events = node.receive(datagram, now)     # Heartbeat, PeerNew, PeerEpoch, Claim, Withdraw
+    node.expire(now)                         # entries not refreshed for expire_periods x refresh
+    node.peer_entries("b")                   # {key: Entry}, what b advertised
+
+Wire format (docs/support-group.md): byte 0 = version 1, then the msgpack array
+[kind, group, sender, epoch, seq, body], then HMAC-SHA256(key, everything before it).
+Choices the design leaves open, fixed here:
+* `Entry.state` travels as an int (1 ACTIVE, 0 IDLE); the object as an index into the page's
+  object table (nil when IDLE); addresses as msgpack bin. An IDLE entry has object None,
+  req_range None and status, body_start, body_offset, body_length 0.
+* `seq` starts at 1 for each (sender, epoch) and grows by one per datagram, every kind; a
+  CLAIM's three copies are three datagrams with three seqs.
+* A delta ADVERT carries entries of one page only, and `page` is that page: a later full
+  version of the page that lacks one of them (and is newer by seq) removes it.
+* `pages` is the sender's page capacity, grown in steps of 3 to 6 % (so that it, and with it
+  every page's bytes, rarely changes); pages past the last used one are sent empty.
+  `generation` grows when the sender repacks (compaction): entries then change pages.
+* Insecure mode: key None. The MAC is then HMAC-SHA256 with the empty key: it still catches
+  corruption but authenticates nothing; every member of the group must use it.
+
+Receiver rules, per sender and epoch (seq orders everything): an entry learnt from a
+datagram is replaced only by a datagram with a higher seq; a WITHDRAW leaves a tombstone
+that older datagrams (still inside the replay window) cannot undo; a full page that lacks a
+key of its previous version (same generation) removes it. Unchanged full pages are
+recognized by their body bytes (the digest is the byte string itself, compared with memcmp:
+cheaper than any hash and without collisions) and only bump the page's timestamp, which
+every entry held by the page shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import math
+import re
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+import msgpack
+
+VERSION = 1
+MAX_DATAGRAM = 1200
+MAC_LEN = 32
+HEARTBEAT, ADVERT, CLAIM, WITHDRAW = 1, 2, 3, 4
+KIND_NAMES = {HEARTBEAT: "heartbeat", ADVERT: "advert", CLAIM: "claim", WITHDRAW: "withdraw"}
+ACTIVE, IDLE = "ACTIVE", "IDLE"
+_STATE_WIRE = {ACTIVE: 1, IDLE: 0}
+REPLAY_WINDOW = 1024
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
+MAX_OBJECTS_PER_PAGE = 15  # the object table stays a fixarray; indices one-byte fixints
+MAX_PAGES = 65535
+POPULAR = 8  # entries of one object from which it gets pages of its own
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}\Z")
+DROP_REASONS = ("oversize", "version", "short", "mac", "undecodable", "group", "self",
+                "stale_epoch", "replay")
+_MIN_LEN = 1 + 7 + MAC_LEN  # version, the smallest possible msgpack array of six, MAC
+
+Key = Tuple[bytes, int, bytes, int]
+
+
+# --- Entries ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """The object a response carries; entries on a page refer to a shared table of these."""
+
+    host: str
+    path: str
+    etag: Optional[str]
+    last_modified: Optional[str]
+    total_length: int
+
+    def __post_init__(self) -> None:
+        if not _object_ok(self.host, self.path, self.etag, self.last_modified, self.total_length):
+            raise ValueError(f"invalid ObjectRef {self!r}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a peer needs to take a connection over (fields in the design's table order)."""
+
+    client_ip: bytes
+    client_port: int
+    server_ip: bytes
+    server_port: int
+    ni: int
+    na: int
+    c_mss: int
+    c_wscale: int
+    c_sack: bool
+    c_ts: bool
+    s_mss: int
+    s_wscale: int
+    s_sack: bool
+    s_ts: bool
+    mp: bool
+    reqno: int
+    state: str
+    object: Optional[ObjectRef]
+    req_range: Optional[str]
+    status: int
+    body_start: int
+    body_offset: int
+    body_length: int
+
+    def __post_init__(self) -> None:
+        reason = _entry_problem(tuple(getattr(self, n) for n in ENTRY_FIELDS))
+        if reason:
+            raise ValueError(f"invalid Entry: {reason}")
+
+    @property
+    def key(self) -> Key:
+        return (self.client_ip, self.client_port, self.server_ip, self.server_port)
+
+
+ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+_OBJ_POS = ENTRY_FIELDS.index("object")
+_STATE_POS = ENTRY_FIELDS.index("state")
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _is_opt_str(v) -> bool:
+    return v is None or type(v) is str
+
+
+def _object_ok(host, path, etag, last_modified, total_length) -> bool:
+    return (type(host) is str and type(path) is str and _is_opt_str(etag)
+            and _is_opt_str(last_modified) and _is_int(total_length, 0, _U64))
+
+
+def _addr_ok(a) -> bool:
+    return type(a) is bytes and len(a) in (4, 16)
+
+
+def _entry_problem(v: tuple) -> Optional[str]:
+    """Why the 23 Entry values (Python form: state a str, object an ObjectRef) are bad, or None."""
+    (cip, cport, sip, sport, ni, na, c_mss, c_ws, c_sack, c_ts, s_mss, s_ws, s_sack, s_ts, mp,
+     reqno, state, obj, req_range, status, body_start, body_offset, body_length) = v
+    if not (_addr_ok(cip) and _addr_ok(sip) and len(cip) == len(sip)):
+        return "addresses must be packed, 4 or 16 bytes, of one family"
+    if not (_is_int(cport, 0, 65535) and _is_int(sport, 0, 65535)):
+        return "ports must be 0..65535"
+    if not (_is_int(ni, 0, _U32) and _is_int(na, 0, _U32) and _is_int(body_start, 0, _U32)):
+        return "sequence numbers must be unsigned 32-bit"
+    if not (_is_int(c_mss, 0, 65535) and _is_int(s_mss, 0, 65535)):
+        return "mss must be 0..65535"
+    if not (_is_int(c_ws, -1, 14) and _is_int(s_ws, -1, 14)):
+        return "wscale must be -1..14"
+    if not all(type(b) is bool for b in (c_sack, c_ts, s_sack, s_ts, mp)):
+        return "c_sack, c_ts, s_sack, s_ts, mp must be bool"
+    if not _is_int(reqno, 0, 127):
+        return "reqno must be 0..127"
+    if state == ACTIVE:
+        if type(obj) is not ObjectRef:
+            return "an ACTIVE entry needs an ObjectRef"
+    elif state == IDLE:
+        if obj is not None:
+            return "an IDLE entry has no object"
+    else:
+        return "state must be ACTIVE or IDLE"
+    if not _is_opt_str(req_range):
+        return "req_range must be str or None"
+    if not (_is_int(status, 0, 999) and _is_int(body_offset, 0, _U64) and _is_int(body_length, 0, _U64)):
+        return "status, body_offset, body_length out of range"
+    return None
+
+
+_B, _I, _T, _N, _S = bytes, int, bool, type(None), str
+_WIRE_TYPES = frozenset((_B, _I, _B, _I, _I, _I, _I, _I, _T, _T, _I, _I, _T, _T, _T, _I, _I, o, r, _I, _I, _I, _I)
+                        for o in (_I, _N) for r in (_S, _N))
+
+
+def _wire_entry(a, objs: list) -> "Entry":
+    """An Entry from its compact wire array (objects: the page's ObjectRefs); raises _Bad."""
+    if type(a) is not list or tuple(map(type, a)) not in _WIRE_TYPES:
+        raise _Bad
+    (cip, cport, sip, sport, ni, na, c_mss, c_ws, _, _, s_mss, s_ws, _, _, _, reqno, st, idx, _, status,
+     body_start, body_offset, body_length) = a
+    if not (len(cip) == len(sip) and (len(cip) == 4 or len(cip) == 16) and 0 <= cport <= 65535
+            and 0 <= sport <= 65535 and 0 <= ni <= _U32 and 0 <= na <= _U32 and 0 <= body_start <= _U32
+            and 0 <= c_mss <= 65535 and 0 <= s_mss <= 65535 and -1 <= c_ws <= 14 and -1 <= s_ws <= 14
+            and 0 <= reqno <= 127 and 0 <= status <= 999 and 0 <= body_offset <= _U64
+            and 0 <= body_length <= _U64):
+        raise _Bad
+    if st == 1:
+        if idx is None or not 0 <= idx < len(objs):
+            raise _Bad
+        a[_OBJ_POS] = objs[idx]
+        a[_STATE_POS] = ACTIVE
+    elif st == 0 and idx is None:
+        a[_STATE_POS] = IDLE
+    else:
+        raise _Bad
+    return _new_entry(a)
+
+
+def _new_entry(values: tuple) -> Entry:
+    """An Entry from already validated values, without the dataclass' checks (receive path)."""
+    e = object.__new__(Entry)
+    e.__dict__.update(zip(ENTRY_FIELDS, values))
+    return e
+
+
+def entry_from_connection(conn) -> Optional[Entry]:
+    """The advertisement of a stream-map Connection (appliance.streammap), or None.
+
+    None when the connection cannot be migrated: no Migrate-Permitted on the client's SYN,
+    handshake not complete, closing or closed, no response yet, the latest response not
+    resumable, or a request waiting for its response (its bytes are not in the entry, so a
+    peer could not answer it). A connection whose latest response is known to be delivered
+    (the client acked its last byte) and that waits for nothing is advertised IDLE.
+    """
+    if not conn.migrate_permitted or conn.ni is None or conn.na is None:
+        return None
+    if conn.state not in ("established",) or conn.client_options is None or conn.server_options is None:
+        return None
+    if conn.pending:
+        return None
+    req = conn.current
+    resp = req.response if req is not None else None
+    if resp is None or not resp.resumable or resp.body_start is None:
+        return None
+    co, so = conn.client_options, conn.server_options
+    common = (conn.client, conn.client_port, conn.server, conn.server_port, conn.ni, conn.na,
+              co.mss or 0, -1 if co.wscale is None else co.wscale, bool(co.sack_permitted), bool(co.timestamps),
+              so.mss or 0, -1 if so.wscale is None else so.wscale, bool(so.sack_permitted), bool(so.timestamps),
+              True, 0)
+    end = resp.body_end
+    last = conn.last_client
+    finished = resp.content_length == 0 or (
+        end is not None and last is not None and last.ack is not None
+        and ((last.ack - end) & _U32) < 0x80000000)
+    if finished:
+        return Entry(*common, IDLE, None, None, 0, 0, 0, 0)
+    total = resp.total_length
+    offset = resp.content_range.first if resp.status == 206 else 0
+    obj = ObjectRef(req.host or "", req.target, resp.etag, resp.last_modified, total)
+    return Entry(*common, ACTIVE, obj, req.range_raw, resp.status, resp.body_start, offset, resp.content_length)
+
+
+# --- MAC and codec ------------------------------------------------------------------------
+
+
+class _Mac:
+    """HMAC-SHA256 with the key's inner and outer states precomputed (RFC 2104)."""
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, key: Optional[bytes]) -> None:
+        k = b"" if key is None else key
+        if len(k) > 64:
+            k = hashlib.sha256(k).digest()
+        k = k.ljust(64, b"\0")
+        self.inner = hashlib.sha256(bytes(x ^ 0x36 for x in k))
+        self.outer = hashlib.sha256(bytes(x ^ 0x5C for x in k))
+
+    def __call__(self, data) -> bytes:
+        i = self.inner.copy()
+        i.update(data)
+        o = self.outer.copy()
+        o.update(i.digest())
+        return o.digest()
+
+
+def _key_bytes(key) -> Optional[bytes]:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode()
+    key = bytes(key)
+    if not key:
+        raise ValueError("an empty group key; use key=None for insecure mode")
+    return key
+
+
+_packb = msgpack.packb
+_SEQ32 = struct.Struct(">BI").pack  # seq as msgpack uint32 (valid, fixed width)
+_SEQ32_UNPACK = struct.Struct(">BI").unpack_from
+_compare_digest = hmac.compare_digest
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _prefix(kind: int, group: str, sender: str, epoch: int) -> bytes:
+    return bytes((VERSION, 0x96)) + _packb(kind) + _packb(group) + _packb(sender) + _packb(epoch)
+
+
+def encode(kind: int, group: str, sender: str, epoch: int, seq: int, body, key: Optional[bytes]) -> bytes:
+    """One datagram: version, msgpack [kind, group, sender, epoch, seq, body], HMAC-SHA256.
+
+    key None is insecure mode (the MAC uses the empty key). Raises ValueError beyond 1200 bytes.
+    """
+    data = _prefix(kind, group, sender, epoch) + _packb(seq) + _packb(body)
+    data += _Mac(_key_bytes(key))(data)
+    if len(data) > MAX_DATAGRAM:
+        raise ValueError(f"datagram of {len(data)} bytes, more than {MAX_DATAGRAM}")
+    return data
+
+
+class Message(NamedTuple):
+    """A datagram that passed every check. body is the decoded body, or for an ADVERT whose
+    bytes the caller recognized (Decoder.decode's `known`), what `known` returned."""
+
+    kind: int
+    group: str
+    sender: str
+    epoch: int
+    seq: int
+    body: object
+    raw_body: bytes
+    cached: bool
+    old_epoch: Optional[int]  # the sender's previous epoch when this one is newer
+    new_sender: bool  # the first datagram accepted from this sender
+    head: int = 0  # length of the bytes before seq (version .. epoch); 0 when not our encoding
+
+
+class _Window:
+    """Replay state of one sender: its newest epoch and a 1024-seq sliding bitmap."""
+
+    __slots__ = ("epoch", "top", "bits")
+
+    def __init__(self, epoch: int, seq: int) -> None:
+        self.epoch, self.top, self.bits = epoch, seq, 1
+
+    def check(self, seq: int) -> bool:
+        """True when seq is new (not seen, not older than the window); does not record it."""
+        d = self.top - seq
+        if d < 0:
+            return True
+        return d < REPLAY_WINDOW and not (self.bits >> d) & 1
+
+    def record(self, seq: int) -> None:
+        d = seq - self.top
+        if d > 0:
+            self.bits = ((self.bits << d) | 1) & _WINDOW_MASK if d < REPLAY_WINDOW else 1
+            self.top = seq
+        else:
+            self.bits |= 1 << -d
+
+
+class _Bad(Exception):
+    pass
+
+
+def _take_int(data, pos: int):
+    b = data[pos]
+    if b < 0x80:
+        return b, pos + 1
+    if b == 0xCC:
+        return data[pos + 1], pos + 2
+    if b == 0xCD:
+        return (data[pos + 1] << 8) | data[pos + 2], pos + 3
+    if b == 0xCE:
+        return int.from_bytes(data[pos + 1:pos + 5], "big"), pos + 5
+    if b == 0xCF:
+        return int.from_bytes(data[pos + 1:pos + 9], "big"), pos + 9
+    raise _Bad
+
+
+def _take_str(data, pos: int):
+    b = data[pos]
+    if 0xA0 <= b <= 0xBF:
+        n, pos = b & 0x1F, pos + 1
+    elif b == 0xD9:
+        n, pos = data[pos + 1], pos + 2
+    else:
+        raise _Bad
+    return data[pos:pos + n], pos + n
+
+
+def _parse_head(data, end: int):
+    """(kind, group bytes, sender bytes, epoch, seq, body offset) of data[1:end] for the
+    encodings this module writes; raises _Bad (or IndexError) for anything else."""
+    if data[1] != 0x96:
+        raise _Bad
+    kind = data[2]
+    if kind >= 0x80:
+        raise _Bad
+    group, pos = _take_str(data, 3)
+    sender, pos = _take_str(data, pos)
+    epoch, head = _take_int(data, pos)
+    seq, pos = _take_int(data, head)
+    if pos >= end:
+        raise _Bad
+    return kind, group, sender, epoch, seq, pos, head
+
+
+def _check_key(k) -> Key:
+    if not (type(k) is list and len(k) == 4):
+        raise _Bad
+    cip, cport, sip, sport = k
+    if not (_addr_ok(cip) and _addr_ok(sip) and len(cip) == len(sip)
+            and _is_int(cport, 0, 65535) and _is_int(sport, 0, 65535)):
+        raise _Bad
+    return (cip, cport, sip, sport)
+
+
+def _check_body(kind: int, body):
+    """The body in its checked Python form; raises _Bad for a wrong shape."""
+    if type(body) is not list:
+        raise _Bad
+    if kind == HEARTBEAT:
+        if len(body) != 5:
+            raise _Bad
+        load, conns, cap, prefixes, port = body
+        if not ((type(load) is float or type(load) is int) and 0 <= load <= 1
+                and _is_int(conns, 0, _U64) and _is_int(cap, 0, _U64) and _is_int(port, 0, 65535)
+                and type(prefixes) is list and all(type(p) is str for p in prefixes)):
+            raise _Bad
+        return (float(load), conns, cap, tuple(prefixes), port)
+    if kind == ADVERT:
+        if len(body) != 6:
+            raise _Bad
+        page, pages, gen, objects, entries, delta = body
+        if not (_is_int(page, 0, _U32) and _is_int(pages, 0, _U32) and _is_int(gen, 0, _U64)
+                and type(delta) is bool and type(objects) is list and type(entries) is list):
+            raise _Bad
+        if not delta and page >= pages:
+            raise _Bad
+        objs = []
+        for o in objects:
+            if not (type(o) is list and len(o) == 5 and _object_ok(*o)):
+                raise _Bad
+            r = object.__new__(ObjectRef)
+            r.__dict__.update(host=o[0], path=o[1], etag=o[2], last_modified=o[3], total_length=o[4])
+            objs.append(r)
+        return (page, pages, gen, [_wire_entry(a, objs) for a in entries], delta)
+    if kind == CLAIM:
+        if len(body) != 3:
+            raise _Bad
+        node, epoch, keys = body
+        if not (type(node) is str and NODE_ID.match(node) and _is_int(epoch, 0, _U64) and type(keys) is list):
+            raise _Bad
+        return (node, epoch, [_check_key(k) for k in keys])
+    if kind == WITHDRAW:
+        if len(body) != 1 or type(body[0]) is not list:
+            raise _Bad
+        return ([_check_key(k) for k in body[0]],)
+    raise _Bad
+
+
+class Decoder:
+    """The receive checks, in the design's order; every failure is dropped and counted.
+
+    decode(data) returns a Message or None and never raises. Replay state is kept per
+    sender: its newest epoch and a sliding window of 1024 seqs (reordering inside the window
+    is accepted, duplicates and older seqs are not). A newer epoch resets the window.
+    """
+
+    def __init__(self, group: str, key: Optional[bytes], node: str) -> None:
+        self.group = group
+        self.node = node
+        self._mac = _Mac(_key_bytes(key))
+        self._group_raw = group.encode()
+        self._names: Dict[bytes, str] = {}  # sender bytes -> validated node id
+        self.windows: Dict[str, _Window] = {}
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        return None
+
+    def decode(self, data, known=None) -> Optional[Message]:
+        """known(sender, epoch, raw_body) -> token or None is asked about ADVERT bodies before they are
+        decoded; a token stands for a body decoded before (its bytes are identical)."""
+        try:
+            if type(data) is not bytes:
+                data = bytes(data)
+            n = len(data)
+            if n > MAX_DATAGRAM:
+                return self._drop("oversize")
+            if n == 0:
+                return self._drop("short")
+            if data[0] != VERSION:
+                return self._drop("version")
+            if n < _MIN_LEN:
+                return self._drop("short")
+            end = n - MAC_LEN
+            if not hmac.compare_digest(self._mac(data[:end]), data[end:]):
+                return self._drop("mac")
+            return self._decode_authentic(data, end, known)
+        except Exception:  # pragma: no cover - a bug; still never raise on input
+            return self._drop("undecodable")
+
+    def _decode_authentic(self, data: bytes, end: int, known) -> Optional[Message]:
+        """The checks after the MAC (data: bytes whose MAC, at `end`, is good)."""
+        body = token = None
+        cached = False
+        try:
+            kind, graw, sraw, epoch, seq, pos, head = _parse_head(data, end)
+            sender = self._names.get(sraw)
+            if sender is None:
+                sender = sraw.decode()
+                if not NODE_ID.match(sender):
+                    raise _Bad
+                if len(self._names) < 4096:
+                    self._names[sraw] = sender
+            group = self.group if graw == self._group_raw else graw.decode()
+            raw_body = data[pos:end]
+            if kind == ADVERT and known is not None:
+                token = known(sender, epoch, raw_body)
+                cached = token is not None
+            if not cached:
+                body = msgpack.unpackb(raw_body, raw=False)
+        except Exception:
+            # Not our encoder's shapes, or bad msgpack: decode the whole array generically.
+            try:
+                arr = msgpack.unpackb(data[1:end], raw=False)
+            except Exception:
+                return self._drop("undecodable")
+            if not (type(arr) is list and len(arr) == 6):
+                return self._drop("undecodable")
+            kind, group, sender, epoch, seq, body = arr
+            if not (type(group) is str and type(sender) is str and NODE_ID.match(sender)
+                    and _is_int(epoch, 0, _U64) and _is_int(seq, 0, _U64) and type(kind) is int):
+                return self._drop("undecodable")
+            raw_body = _packb(body)
+            cached = False
+            head = 0
+        if kind not in KIND_NAMES or not _is_int(epoch, 0, _U64) or not _is_int(seq, 0, _U64):
+            return self._drop("undecodable")
+        if not cached:
+            try:
+                body = _check_body(kind, body)
+            except Exception:
+                return self._drop("undecodable")
+        else:
+            body = token
+        if group != self.group:
+            return self._drop("group")
+        if sender == self.node:
+            return self._drop("self")
+        w = self.windows.get(sender)
+        old_epoch = None
+        new_sender = w is None
+        if w is None:
+            self.windows[sender] = _Window(epoch, seq)
+        elif epoch < w.epoch:
+            return self._drop("stale_epoch")
+        elif epoch > w.epoch:
+            old_epoch = w.epoch
+            self.windows[sender] = _Window(epoch, seq)
+        elif not w.check(seq):
+            return self._drop("replay")
+        else:
+            w.record(seq)
+        return Message(kind, group, sender, epoch, seq, body, raw_body, cached, old_epoch, new_sender, head)
+
+
+# --- Events -------------------------------------------------------------------------------
+
+
+class Heartbeat(NamedTuple):
+    kind: str
+    sender: str
+    epoch: int
+    load: float
+    connections: int
+    capacity: int
+    prefixes: tuple
+    sync_port: int
+
+
+class PeerNew(NamedTuple):
+    kind: str
+    sender: str
+    epoch: int
+
+
+class PeerEpoch(NamedTuple):
+    kind: str
+    sender: str
+    old: int
+    new: int
+
+
+class Claim(NamedTuple):
+    kind: str
+    sender: str
+    epoch: int
+    dead_node: str
+    dead_epoch: int
+    keys: list
+
+
+class Withdraw(NamedTuple):
+    kind: str
+    sender: str
+    epoch: int
+    keys: list  # every key of the WITHDRAW
+    dropped: list  # those that were in the table (and older than the WITHDRAW)
+
+
+# --- Sender side: pages -------------------------------------------------------------------
+
+
+class _TxEntry:
+    __slots__ = ("entry", "pre", "post", "size", "page")
+
+    def __init__(self, entry: Entry) -> None:
+        v = [getattr(entry, n) for n in ENTRY_FIELDS]
+        v[_STATE_POS] = _STATE_WIRE[v[_STATE_POS]]
+        self.entry = entry
+        # array16 header for 23 fields + the 17 before `object`; the 5 after it
+        self.pre = b"\xdc\x00\x17" + _packb(v[:_OBJ_POS])[3:]
+        self.post = _packb(v[_OBJ_POS + 1:])[1:]
+        self.size = len(self.pre) + 1 + len(self.post)
+        self.page = -1
+
+
+class _TxPage:
+    __slots__ = ("index", "keys", "objs", "used", "body", "in_open")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.keys: Dict[Key, _TxEntry] = {}
+        self.objs: Dict[ObjectRef, int] = {}  # object -> entries of this page using it
+        self.used = 0
+        self.body: Optional[bytes] = None
+        self.in_open = False
+
+
+def _object_bytes(o: ObjectRef) -> bytes:
+    return _packb([o.host, o.path, o.etag, o.last_modified, o.total_length])
+
+
+def _page_capacity(needed: int) -> int:
+    """Page slots for `needed` pages: rounded up in steps of 1/32 to 1/16."""
+    if needed <= 4:
+        return 4
+    step = max(4, 1 << max(0, needed.bit_length() - 5))
+    return -(-needed // step) * step
+
+
+# --- Receiver side: the peer table --------------------------------------------------------
+
+
+class _RxPage:
+    __slots__ = ("index", "digest", "blen", "at", "seq", "gen", "members")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.digest: Optional[int] = None  # of the full body last decoded (None: none since)
+        self.blen = 0  # and its length
+        self.at = -math.inf
+        self.seq = -1  # seq of the full version applied
+        self.gen = -1
+        self.members: set = set()  # keys whose record points at this page
+
+
+class _RxEntry:
+    __slots__ = ("entry", "page", "seq", "at")
+
+    def __init__(self, entry: Entry, page: _RxPage, seq: int, at: Optional[float]) -> None:
+        self.entry = entry
+        self.page = page
+        self.seq = seq
+        self.at = at  # own timestamp (from a delta); None: the page's timestamp applies
+
+
+class _Peer:
+    def __init__(self, name: str, epoch: int, now: float) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.entries: Dict[Key, _RxEntry] = {}
+        self.pages: "OrderedDict[int, _RxPage]" = OrderedDict()  # least recently refreshed first
+        self.bodies: Dict[int, _RxPage] = {}  # digest of a page's body -> the page
+        self.own: List[Tuple[float, Key]] = []  # heap of (at, key) of delta-held keys (lazy)
+        self.tombs: Dict[Key, int] = {}
+        self.tomb_order: List[Tuple[int, Key]] = []  # heap by seq
+        self.adv_top = -1  # the highest ADVERT seq, its generation, the lowest seq of that generation
+        self.gen = -1
+        self.gen_min = -1
+        self.gen_pages: set = set()  # pages of that generation received in full
+        self.gen_swept = False
+        self.prefix: Optional[bytes] = None  # registered for the fast path
+        self.fast = 0  # datagrams taken by the fast path, and their bytes
+        self.fast_bytes = 0
+        self.window: Optional[_Window] = None  # the Decoder's replay window of this sender
+        self.heartbeat: Optional[Heartbeat] = None
+        self.heartbeat_at: Optional[float] = None
+        self.first_heard = now
+        self.last_heard = now
+        self.datagrams = 0
+
+    def reset(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.entries.clear()
+        self.pages.clear()
+        self.bodies.clear()
+        self.own.clear()
+        self.tombs.clear()
+        self.tomb_order.clear()
+        self.adv_top = self.gen = self.gen_min = -1
+        self.gen_pages = set()
+        self.gen_swept = False
+
+    def drop(self, k: Key) -> None:
+        r = self.entries.pop(k, None)
+        if r is not None:
+            r.page.members.discard(k)
+
+
+# --- One node -----------------------------------------------------------------------------
+
+
+class SyncNode:
+    """One node's synchronization state: its own advertised entries and its peers' tables."""
+
+    def __init__(self, node: str, group: str, key, epoch: int, refresh: float = 1.0,
+                 heartbeat: float = 0.02, expire_periods: float = 3, capacity: int = 1000,
+                 prefixes: Iterable[str] = ("/",), sync_port: int = 7700, pace: bool = True) -> None:
+        if not (isinstance(node, str) and NODE_ID.match(node)):
+            raise ValueError(f"node id must match [A-Za-z0-9_.-]{{1,32}}, not {node!r}")
+        if not (isinstance(group, str) and 0 < len(group.encode()) <= 64):
+            raise ValueError(f"group must be a non-empty str of at most 64 bytes, not {group!r}")
+        if not _is_int(epoch, 0, _U64):
+            raise ValueError("epoch must be an unsigned 64-bit int")
+        if not (refresh > 0 and heartbeat > 0 and expire_periods > 0):
+            raise ValueError("refresh, heartbeat and expire_periods must be positive")
+        if not _is_int(capacity, 1, _U64):
+            raise ValueError("capacity must be a positive int")
+        if not _is_int(sync_port, 0, 65535):
+            raise ValueError("sync_port must be 0..65535")
+        self.node, self.group, self.epoch = node, group, epoch
+        self.key = _key_bytes(key)
+        self.insecure = self.key is None
+        self.refresh, self.heartbeat, self.expire_periods = float(refresh), float(heartbeat), expire_periods
+        self.capacity = capacity
+        self.prefixes = [str(p) for p in prefixes]
+        self.sync_port = sync_port
+        self.pace = pace
+        self._mac = _Mac(self.key)
+        self._inner, self._outer = self._mac.inner, self._mac.outer
+        self._decoder = Decoder(group, self.key, node)
+        self._prefixes = {k: _prefix(k, group, node, epoch) for k in KIND_NAMES}
+        self._seq = 0
+        # content budget of a page (objects + entries), and of a WITHDRAW/CLAIM key list
+        overhead = len(self._prefixes[ADVERT]) + 9 + MAC_LEN  # + seq, worst case
+        # body: array header, page and pages (< 65536: 3 bytes), generation (kept < 65536),
+        # objects (<= 15: fixarray), entries (array16), delta
+        self._page_budget = MAX_DATAGRAM - overhead - (1 + 3 + 3 + 3 + 1 + 3 + 1)
+        self._keys_budget = MAX_DATAGRAM - overhead - (1 + 3) - (1 + 34 + 9)
+        # local side
+        self._local: Dict[Key, _TxEntry] = {}
+        self._pages: List[_TxPage] = []
+        self._obj_bytes: Dict[ObjectRef, bytes] = {}
+        self._obj_pages: Dict[ObjectRef, Dict[int, None]] = {}
+        self._obj_count: Dict[ObjectRef, int] = {}  # local entries per object
+        self._open: List[int] = []  # heap of pages with room
+        self._empty: List[int] = []  # heap of empty pages
+        self._fill = 0  # the page most recently started
+        self._generation = 0
+        self._connections: Optional[int] = None
+        self._pending_delta: Dict[Key, None] = {}
+        self._pending_withdraw: Dict[Key, None] = {}
+        self._claims: List[list] = []  # [due, copies left, dead_node, dead_epoch, keys]
+        self._next_heartbeat: Optional[float] = None
+        self._round_start: Optional[float] = None
+        self._round_next = 0
+        # receive side
+        self._peers: Dict[str, _Peer] = {}
+        self._rx_prefix: Dict[bytes, _Peer] = {}
+        self._rx_lens: Tuple[int, ...] = ()
+        self._rx_len = 0  # the one prefix length, -1 for several, 0 for none
+        self._limit_at = 0.0
+        self._stats = dict.fromkeys((
+            "sent", "sent_bytes", "received", "received_bytes", "pages_unchanged", "pages_decoded",
+            "pages_stale", "deltas_received", "deltas_stale", "generation_sweeps", "entries_expired", "entries_withdrawn", "too_big", "pages_full",
+            "compactions", "refresh_rounds"), 0)
+        self._sent_by_kind = dict.fromkeys(KIND_NAMES.values(), 0)
+        self._received_by_kind = dict.fromkeys(KIND_NAMES.values(), 0)
+
+    # --- local side ----------------------------------------------------------------------
+
+    def local_entries(self) -> Dict[Key, Entry]:
+        return {k: t.entry for k, t in self._local.items()}
+
+    def set_connections(self, n: Optional[int]) -> None:
+        """Open connections for the heartbeat (None: the number of local entries)."""
+        self._connections = n
+
+    def add_local(self, entry: Entry, now: Optional[float] = None) -> bool:
+        """Advertise (or update) an entry; with `now`, a delta ADVERT goes out at the next
+        outgoing(). False when the entry and its object cannot fit in one datagram."""
+        k = entry.key
+        old = self._local.get(k)
+        if old is not None and old.entry == entry:
+            return True
+        te = _TxEntry(entry)
+        why = self._place(te, old)
+        if why is not None:
+            self._stats[why] += 1
+            if k in self._local:
+                self.remove_local(k, now)
+            elif old is not None:  # already off its page
+                self._pending_delta.pop(k, None)
+                if now is not None:
+                    self._pending_withdraw[k] = None
+            return False
+        if now is not None:
+            self._pending_delta[k] = None
+            self._pending_withdraw.pop(k, None)
+        return True
+
+    def remove_local(self, key: Key, now: Optional[float] = None) -> bool:
+        """Stop advertising a connection; with `now`, a WITHDRAW goes out at the next outgoing()."""
+        te = self._local.pop(key, None)
+        if te is None:
+            return False
+        self._unplace(key, te)
+        self._pending_delta.pop(key, None)
+        if now is not None:
+            self._pending_withdraw[key] = None
+        return True
+
+    def set_local(self, entries: Iterable[Entry], now: Optional[float] = None) -> None:
+        """Make the local entries exactly `entries` (a diff: unchanged entries keep their page).
+        New ones are packed grouped by object. With `now`, deltas and withdraws are sent."""
+        new = {}
+        for e in entries:
+            new[e.key] = e
+        for k in [k for k in self._local if k not in new]:
+            self.remove_local(k, now)
+        groups: Dict[Optional[ObjectRef], List[Entry]] = {}
+        for k, e in new.items():
+            old = self._local.get(k)
+            if old is None or old.entry != e:
+                groups.setdefault(e.object, []).append(e)
+        for group in groups.values():
+            for e in group:
+                self.add_local(e, now)
+
+    def _obj(self, o: ObjectRef) -> bytes:
+        b = self._obj_bytes.get(o)
+        if b is None:
+            b = self._obj_bytes[o] = _object_bytes(o)
+        return b
+
+    def _room(self, page: _TxPage, te: _TxEntry) -> bool:
+        o = te.entry.object
+        need = te.size
+        if o is not None and o not in page.objs:
+            if len(page.objs) >= MAX_OBJECTS_PER_PAGE:
+                return False
+            need += len(self._obj(o))
+        return page.used + need <= self._page_budget
+
+    def _place(self, te: _TxEntry, old: Optional[_TxEntry]) -> Optional[str]:
+        """Put te on a page (None) or say why it cannot be advertised ("too_big", "pages_full")."""
+        k = te.entry.key
+        o = te.entry.object
+        if te.size + (len(self._obj(o)) if o is not None else 0) > self._page_budget:
+            return "too_big"
+        if old is not None:  # an update keeps its page when it fits
+            page = self._pages[old.page]
+            self._remove_from_page(page, k, old)
+            del self._local[k]
+            if self._room(page, te):
+                self._put(page, te)
+                return None
+            self._mark_open(page)
+        # Its object's most recent pages first. A popular object (POPULAR entries or more) gets
+        # a page of its own when those are full: more of its entries will likely follow, and
+        # every page repeats the objects it uses. Others share the page being filled.
+        page = None
+        popular = False
+        if o is not None:
+            cands = self._obj_pages.get(o)
+            if cands:
+                popular = self._obj_count.get(o, 0) >= POPULAR
+                for j, i in enumerate(reversed(cands)):
+                    if j == 4:
+                        break
+                    if self._room(self._pages[i], te):
+                        page = self._pages[i]
+                        break
+        if page is None and not popular:
+            if self._fill < len(self._pages) and self._room(self._pages[self._fill], te):
+                page = self._pages[self._fill]
+            while page is None and self._open:
+                p = self._pages[self._open[0]] if self._open[0] < len(self._pages) else None
+                if p is None or not p.keys or self._page_budget - p.used < 128:
+                    heapq.heappop(self._open)
+                    if p is not None:
+                        p.in_open = False
+                    continue
+                if self._room(p, te):
+                    page = p
+                break
+        if page is None:
+            page = self._empty_page()
+            if page is None:
+                return "pages_full"
+            if not popular:
+                self._fill = page.index
+        self._put(page, te)
+        return None
+
+    def _empty_page(self) -> Optional[_TxPage]:
+        while self._empty:
+            i = heapq.heappop(self._empty)
+            if i < len(self._pages) and not self._pages[i].keys:
+                return self._pages[i]
+        n = len(self._pages)
+        if n >= MAX_PAGES:
+            return None
+        cap = min(_page_capacity(n + 1), MAX_PAGES)
+        for i in range(n, cap):
+            self._pages.append(_TxPage(i))
+            if i > n:
+                heapq.heappush(self._empty, i)
+        for p in self._pages[:n]:  # `pages` is in every body
+            p.body = None
+        return self._pages[n]
+
+    def _put(self, page: _TxPage, te: _TxEntry) -> None:
+        k = te.entry.key
+        o = te.entry.object
+        te.page = page.index
+        page.keys[k] = te
+        page.used += te.size
+        if o is not None:
+            self._obj_count[o] = self._obj_count.get(o, 0) + 1
+            c = page.objs.get(o, 0)
+            if c == 0:
+                page.used += len(self._obj(o))
+                self._obj_pages.setdefault(o, {})[page.index] = None
+            page.objs[o] = c + 1
+        page.body = None
+        self._local[k] = te
+        if self._page_budget - page.used < 128 and page.in_open:
+            pass  # lazily removed from the open heap
+
+    def _remove_from_page(self, page: _TxPage, k: Key, te: _TxEntry) -> None:
+        del page.keys[k]
+        page.used -= te.size
+        o = te.entry.object
+        if o is not None:
+            n = self._obj_count[o] - 1
+            if n:
+                self._obj_count[o] = n
+            else:
+                del self._obj_count[o]
+            c = page.objs[o] - 1
+            if c:
+                page.objs[o] = c
+            else:
+                del page.objs[o]
+                page.used -= len(self._obj(o))
+                ps = self._obj_pages.get(o)
+                if ps is not None:
+                    ps.pop(page.index, None)
+                    if not ps:
+                        del self._obj_pages[o]
+                        self._obj_bytes.pop(o, None)
+        page.body = None
+
+    def _mark_open(self, page: _TxPage) -> None:
+        if not page.keys:
+            heapq.heappush(self._empty, page.index)
+        elif not page.in_open and self._page_budget - page.used >= 128:
+            page.in_open = True
+            heapq.heappush(self._open, page.index)
+
+    def _unplace(self, k: Key, te: _TxEntry) -> None:
+        page = self._pages[te.page]
+        self._remove_from_page(page, k, te)
+        self._mark_open(page)
+
+    def _body(self, page: _TxPage) -> bytes:
+        b = page.body
+        if b is None:
+            b = page.body = self._page_body(page.index, page.keys.values(), False)
+        return b
+
+    def _page_body(self, index: int, tes, delta: bool) -> bytes:
+        objs: Dict[ObjectRef, bytes] = {}
+        parts = []
+        for te in tes:
+            o = te.entry.object
+            if o is None:
+                parts.append(te.pre + b"\xc0" + te.post)
+            else:
+                i = objs.get(o)
+                if i is None:
+                    i = objs[o] = bytes((len(objs),))
+                parts.append(te.pre + i + te.post)
+        return b"".join((b"\x96", _packb(index), _packb(len(self._pages)), _packb(self._generation),
+                         _array_header(len(objs)), *(self._obj(o) for o in objs),
+                         _array_header(len(parts)), *parts, b"\xc3" if delta else b"\xc2"))
+
+    def compact(self) -> None:
+        """Repack every local entry into as few pages as possible (a new generation)."""
+        by_obj: Dict[Optional[ObjectRef], List[_TxEntry]] = {}
+        for te in self._local.values():
+            by_obj.setdefault(te.entry.object, []).append(te)
+        self._generation = (self._generation + 1) & 0xFFFF  # receivers only compare for equality
+        self._stats["compactions"] += 1
+        self._pages, self._open, self._empty, self._fill = [], [], [], 0
+        self._obj_pages = {}
+        self._obj_count = {}
+        self._local = {}
+        for group in by_obj.values():
+            for te in group:
+                self._place(te, None)
+
+    def _needs_compaction(self) -> bool:
+        n = len(self._pages)
+        if n <= 8:
+            return False
+        used = sum(p.used for p in self._pages)
+        ideal = used / (self._page_budget * 0.9) + 1
+        return n > 2 * ideal + 8
+
+    # --- output ----------------------------------------------------------------------------
+
+    def _seal(self, kind: int, body: bytes) -> bytes:
+        self._seq = seq = self._seq + 1
+        data = self._prefixes[kind] + (_SEQ32(0xCE, seq) if seq <= _U32 else _packb(seq)) + body
+        return data + self._mac(data)
+
+    def _emit(self, out: list, kind: int, body: bytes) -> None:
+        d = self._seal(kind, body)
+        out.append((kind, d))
+        self._stats["sent"] += 1
+        self._stats["sent_bytes"] += len(d)
+        self._sent_by_kind[KIND_NAMES[kind]] += 1
+
+    def heartbeat_body(self) -> list:
+        n = len(self._local) if self._connections is None else self._connections
+        return [min(1.0, n / self.capacity), n, self.capacity, self.prefixes, self.sync_port]
+
+    def outgoing(self, now: float) -> List[Tuple[int, bytes]]:
+        """The datagrams due at `now`, each to be sent to every peer: a heartbeat when due,
+        withdraws, deltas and claims at once, and the pages of the full refresh that are due
+        (spread over the refresh period when `pace`, else all at once every period)."""
+        out: List[Tuple[int, bytes]] = []
+        nh = self._next_heartbeat
+        # due a little early is due (a timer that fires a hair early must not skip a beat)
+        if nh is None or now >= nh - self.heartbeat * 0.1:
+            self._emit(out, HEARTBEAT, _packb(self.heartbeat_body()))
+            nh = (now if nh is None else nh) + self.heartbeat
+            self._next_heartbeat = nh if nh > now else now + self.heartbeat
+        if self._pending_withdraw:
+            keys = [list(k) for k in self._pending_withdraw]
+            self._pending_withdraw.clear()
+            for chunk in self._key_chunks(keys):
+                self._emit(out, WITHDRAW, b"\x91" + _packb(chunk))
+        if self._pending_delta:
+            by_page: Dict[int, List[_TxEntry]] = {}
+            for k in self._pending_delta:
+                te = self._local.get(k)
+                if te is not None:
+                    by_page.setdefault(te.page, []).append(te)
+            self._pending_delta.clear()
+            for i, tes in by_page.items():
+                self._emit(out, ADVERT, self._page_body(i, tes, True))
+        if self._claims:
+            for c in self._claims:
+                if now >= c[0]:
+                    self._emit(out, CLAIM, _packb([c[2], c[3], c[4]]))
+                    c[1] -= 1
+                    c[0] = now + self.heartbeat
+            self._claims = [c for c in self._claims if c[1] > 0]
+        self._refresh_due(now, out)
+        return out
+
+    def _refresh_due(self, now: float, out: list) -> None:
+        rs = self._round_start
+        if rs is None or now >= rs + self.refresh * 0.99:
+            if rs is not None:
+                self._send_pages(self._round_next, len(self._pages), out)
+            if self._needs_compaction():
+                self.compact()
+            self._stats["refresh_rounds"] += 1
+            self._round_start = rs = now if rs is None or now >= rs + 2 * self.refresh else rs + self.refresh
+            self._round_next = 0
+        n = len(self._pages)
+        if self.pace:
+            due = min(n, int((now - rs) / self.refresh * n) + 1)
+        else:
+            due = n
+        if due > self._round_next:
+            self._send_pages(self._round_next, due, out)
+            self._round_next = due
+
+    def _send_pages(self, start: int, stop: int, out: list) -> None:
+        """Pages start..stop-1 (the refresh's hot loop: a cached body, a seq and a MAC each)."""
+        pages = self._pages
+        stop = min(stop, len(pages))
+        if start >= stop:
+            return
+        pfx = self._prefixes[ADVERT]
+        inner, outer = self._mac.inner, self._mac.outer
+        seq = self._seq
+        nbytes = 0
+        append = out.append
+        for i in range(start, stop):
+            p = pages[i]
+            body = p.body
+            if body is None:
+                body = self._body(p)
+            seq += 1
+            head = pfx + _SEQ32(0xCE, seq) if seq <= _U32 else pfx + _packb(seq)
+            h = inner.copy()
+            h.update(head)
+            h.update(body)
+            m = outer.copy()
+            m.update(h.digest())
+            data = b"".join((head, body, m.digest()))
+            nbytes += len(data)
+            append((ADVERT, data))
+        self._seq = seq
+        n = stop - start
+        self._stats["sent"] += n
+        self._stats["sent_bytes"] += nbytes
+        self._sent_by_kind["advert"] += n
+
+    def refresh_datagrams(self, now: float) -> List[Tuple[int, bytes]]:
+        """Every page now (one full refresh), outside the paced schedule."""
+        out: List[Tuple[int, bytes]] = []
+        self._send_pages(0, len(self._pages), out)
+        return out
+
+    def _key_chunks(self, keys: list):
+        chunk, size = [], 0
+        for k in keys:
+            s = 11 + len(k[0]) + len(k[2])
+            if chunk and size + s > self._keys_budget:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(k)
+            size += s
+        if chunk:
+            yield chunk
+
+    def claim(self, dead_node: str, dead_epoch: int, keys: Iterable[Key], now: float, copies: int = 3) -> None:
+        """Queue a CLAIM of `keys` of dead_node: sent at the next outgoing() and twice more,
+        `heartbeat` apart (each copy a new datagram with its own seq)."""
+        if not NODE_ID.match(dead_node) or not _is_int(dead_epoch, 0, _U64):
+            raise ValueError("bad dead_node or dead_epoch")
+        for chunk in self._key_chunks([list(k) for k in keys]):
+            self._claims.append([now, copies, dead_node, dead_epoch, chunk])
+
+    # --- receive ---------------------------------------------------------------------------
+
+    def _known(self, sender: str, epoch: int, raw: bytes):
+        p = self._peers.get(sender)
+        if p is None or p.epoch != epoch:
+            return None
+        rp = p.bodies.get(hash(raw))
+        return rp if rp is not None and rp.blen == len(raw) else None
+
+    def receive(self, data, now: float) -> list:
+        """One datagram from the network: the events it causes (possibly none). Never raises.
+
+        The fast path (a full ADVERT page whose body is byte-identical to the page's last
+        decoded version, from a known peer and epoch): MAC, prefix lookup, body digest,
+        replay window, timestamp bump. Everything else goes through the Decoder."""
+        if type(data) is not bytes:
+            try:
+                data = bytes(data)
+            except Exception:
+                self._decoder.dropped["undecodable"] += 1
+                return []
+        n = len(data)
+        if n > MAX_DATAGRAM or n < _MIN_LEN or data[0] != VERSION:
+            return self._receive_slow(data, now, None)
+        end = n - MAC_LEN
+        h = self._inner.copy()
+        h.update(data[:end])
+        m = self._outer.copy()
+        m.update(h.digest())
+        if not _compare_digest(m.digest(), data[end:]):
+            self._decoder.dropped["mac"] += 1
+            return []
+        plen = self._rx_len
+        if plen <= 0:
+            if not plen:
+                return self._receive_slow(data, now, end)
+            for plen in self._rx_lens:  # peers' prefixes of several lengths
+                if data[:plen] in self._rx_prefix:
+                    break
+        peer = self._rx_prefix.get(data[:plen])
+        if peer is None or end < plen + 8:
+            return self._receive_slow(data, now, end)
+        b, seq = _SEQ32_UNPACK(data, plen)  # seq as this module writes it (uint32)
+        raw = data[plen + 5:end]
+        rp = peer.bodies.get(hash(raw))
+        if b != 0xCE or rp is None or rp.blen != len(raw):
+            return self._receive_slow(data, now, end)
+        w = peer.window
+        d = w.top - seq
+        if d < 0:
+            w.bits = ((w.bits << -d) | 1) & _WINDOW_MASK if d > -REPLAY_WINDOW else 1
+            w.top = seq
+        elif d < REPLAY_WINDOW and not (w.bits >> d) & 1:
+            w.bits |= 1 << d
+        else:
+            self._decoder.dropped["replay"] += 1
+            return []
+        rp.at = now
+        if seq > rp.seq:
+            rp.seq = seq
+        peer.pages.move_to_end(rp.index)
+        peer.last_heard = now
+        peer.fast += 1
+        peer.fast_bytes += n
+        return []
+
+    def _receive_slow(self, data: bytes, now: float, mac_end: Optional[int]) -> list:
+        dec = self._decoder
+        if mac_end is None:
+            msg = dec.decode(data, self._known)
+        else:
+            try:
+                msg = dec._decode_authentic(data, mac_end, self._known)
+            except Exception:  # pragma: no cover - a bug; still never raise on input
+                dec.dropped["undecodable"] += 1
+                msg = None
+        if msg is None:
+            return []
+        st = self._stats
+        st["received"] += 1
+        st["received_bytes"] += len(data)
+        self._received_by_kind[KIND_NAMES[msg.kind]] += 1
+        sender = msg.sender
+        peer = self._peers.get(sender)
+        events: list = []
+        if peer is None:
+            peer = self._peers[sender] = _Peer(sender, msg.epoch, now)
+            events.append(PeerNew("peer_new", sender, msg.epoch))
+        elif msg.old_epoch is not None or peer.epoch != msg.epoch:
+            events.append(PeerEpoch("peer_epoch", sender, peer.epoch, msg.epoch))
+            self._unregister_prefix(peer)
+            peer.reset(msg.epoch)
+        peer.window = dec.windows[sender]
+        peer.last_heard = now
+        peer.datagrams += 1
+        kind = msg.kind
+        if msg.cached:  # an unchanged full page: bump its timestamp only
+            rp = msg.body
+            if msg.seq > rp.seq:
+                rp.seq = msg.seq
+            rp.at = now
+            peer.pages.move_to_end(rp.index)
+            st["pages_unchanged"] += 1
+            return events
+        body = msg.body
+        if kind == ADVERT:
+            if body[4]:
+                self._apply_delta(peer, msg.seq, now, body)
+            else:
+                self._apply_page(peer, msg.seq, now, body, msg.raw_body)
+                if msg.head and peer.prefix is None:
+                    self._register_prefix(peer, data[:msg.head])
+            self._track_generation(peer, msg.seq, body)
+        elif kind == HEARTBEAT:
+            hb = Heartbeat("heartbeat", sender, msg.epoch, *body)
+            peer.heartbeat, peer.heartbeat_at = hb, now
+            events.append(hb)
+        elif kind == WITHDRAW:
+            gone = self._apply_withdraw(peer, msg.seq, body[0])
+            events.append(Withdraw("withdraw", sender, msg.epoch, body[0], gone))
+        elif kind == CLAIM:
+            events.append(Claim("claim", sender, msg.epoch, body[0], body[1], body[2]))
+        return events
+
+    def _register_prefix(self, peer: _Peer, prefix: bytes) -> None:
+        """Remember the bytes before seq of the peer's ADVERTs (version .. epoch) for the fast path."""
+        peer.prefix = prefix
+        self._rx_prefix[prefix] = peer
+        self._set_lens()
+
+    def _set_lens(self) -> None:
+        self._rx_lens = tuple(sorted({len(p) for p in self._rx_prefix}))
+        self._rx_len = self._rx_lens[0] if len(self._rx_lens) == 1 else -1 if self._rx_lens else 0
+
+    def _unregister_prefix(self, peer: _Peer) -> None:
+        if peer.prefix is not None:
+            self._rx_prefix.pop(peer.prefix, None)
+            peer.prefix = None
+            self._set_lens()
+
+    def _newer_known(self, peer: _Peer, k: Key, seq: int) -> bool:
+        """True when what the table holds about k is newer than seq (or k was withdrawn after)."""
+        t = peer.tombs.get(k)
+        if t is not None and t > seq:
+            return True
+        r = peer.entries.get(k)
+        return r is not None and r.seq > seq
+
+    def _apply_page(self, peer: _Peer, seq: int, now: float, body, raw: bytes) -> None:
+        index, _pages, gen, entries, _ = body
+        rp = peer.pages.get(index)
+        if rp is None:
+            rp = peer.pages[index] = _RxPage(index)
+        elif seq < rp.seq:
+            self._stats["pages_stale"] += 1
+            return
+        self._stats["pages_decoded"] += 1
+        same_gen = rp.gen == gen or rp.seq < 0
+        new_members = set()
+        tab = peer.entries
+        for e in entries:
+            k = e.key
+            r = tab.get(k)
+            if self._newer_known(peer, k, seq):
+                if r is not None and r.page is rp:
+                    new_members.add(k)
+                continue
+            if r is not None and r.page is not rp:
+                r.page.members.discard(k)
+            tab[k] = _RxEntry(e, rp, seq, None)
+            new_members.add(k)
+        for k in rp.members - new_members:
+            r = tab.get(k)
+            if r is None or r.page is not rp:
+                continue
+            if r.seq > seq:
+                new_members.add(k)  # a newer delta: its own timestamp rules
+            elif same_gen:
+                del tab[k]  # gone from its page: the connection ended
+            else:  # the sender repacked: it may live on another page now; let it expire
+                new_members.add(k)
+                if r.at is None:
+                    r.at = rp.at
+                    heapq.heappush(peer.own, (rp.at, k))
+        rp.members = new_members
+        if rp.digest is not None:
+            peer.bodies.pop(rp.digest, None)
+        rp.digest, rp.blen = hash(raw), len(raw)
+        peer.bodies[rp.digest] = rp
+        rp.seq, rp.gen, rp.at = seq, gen, now
+        peer.pages.move_to_end(index)
+
+    def _apply_delta(self, peer: _Peer, seq: int, now: float, body) -> None:
+        index, _pages, gen, entries, _ = body
+        self._stats["deltas_received"] += 1
+        rp = peer.pages.get(index)
+        if rp is None:
+            rp = peer.pages[index] = _RxPage(index)
+            rp.gen = gen
+            peer.pages.move_to_end(index, last=False)
+        elif rp.seq > seq and rp.gen == gen:
+            # a full version of its page sent after it was applied: that is the truth
+            self._stats["deltas_stale"] += 1
+            return
+        tab = peer.entries
+        for e in entries:
+            k = e.key
+            if self._newer_known(peer, k, seq):
+                continue
+            r = tab.get(k)
+            if r is not None and r.page is not rp:
+                r.page.members.discard(k)
+            tab[k] = _RxEntry(e, rp, seq, now)
+            rp.members.add(k)
+            heapq.heappush(peer.own, (now, k))
+
+    def _track_generation(self, peer: _Peer, seq: int, body) -> None:
+        """Once every page of the sender's newest generation has arrived, entries that no
+        datagram of that generation confirmed are gone (the sender repacked without them)."""
+        index, pages, gen, _, delta = body
+        if seq > peer.adv_top:
+            peer.adv_top = seq
+            if gen != peer.gen:
+                peer.gen, peer.gen_min, peer.gen_pages, peer.gen_swept = gen, seq, set(), False
+        elif gen == peer.gen and seq < peer.gen_min:
+            peer.gen_min = seq
+        if delta or gen != peer.gen or peer.gen_swept:
+            return
+        peer.gen_pages.add(index)
+        if len(peer.gen_pages) < pages or not all(i in peer.gen_pages for i in range(pages)):
+            return
+        peer.gen_swept = True
+        old = [k for k, r in peer.entries.items() if r.seq < peer.gen_min]
+        for k in old:
+            peer.drop(k)
+        for rp in list(peer.pages.values()):
+            if rp.index >= pages and not rp.members:
+                del peer.pages[rp.index]
+                if rp.digest is not None:
+                    peer.bodies.pop(rp.digest, None)
+        if old:
+            self._stats["generation_sweeps"] += 1
+
+    def _apply_withdraw(self, peer: _Peer, seq: int, keys: list) -> list:
+        gone = []
+        for k in keys:
+            r = peer.entries.get(k)
+            if r is not None and r.seq < seq:
+                peer.drop(k)
+                gone.append(k)
+            if peer.tombs.get(k, -1) < seq:
+                peer.tombs[k] = seq
+                heapq.heappush(peer.tomb_order, (seq, k))
+        self._stats["entries_withdrawn"] += len(gone)
+        self._prune_tombs(peer)
+        return gone
+
+    def _prune_tombs(self, peer: _Peer) -> None:
+        w = self._decoder.windows.get(peer.name)
+        if w is None:
+            return
+        low = w.top - REPLAY_WINDOW
+        h = peer.tomb_order
+        while h and h[0][0] < low:
+            s, k = heapq.heappop(h)
+            if peer.tombs.get(k) == s:
+                del peer.tombs[k]
+
+    def expire(self, now: float) -> List[Tuple[str, Key]]:
+        """Drop entries not refreshed for expire_periods x refresh: [(sender, key)] dropped.
+        Costs O(what expired): pages are kept in refresh order, delta-held keys in a heap."""
+        limit = now - self.expire_periods * self.refresh
+        gone: List[Tuple[str, Key]] = []
+        for peer in self._peers.values():
+            pages = peer.pages
+            old = []
+            for rp in pages.values():
+                if rp.at >= limit:
+                    break
+                old.append(rp)
+            for rp in old:
+                if rp.digest is not None:
+                    peer.bodies.pop(rp.digest, None)
+                    rp.digest = None
+                keep = set()
+                for k in rp.members:
+                    r = peer.entries.get(k)
+                    if r is None or r.page is not rp:
+                        continue
+                    if r.at is not None and r.at >= limit:
+                        keep.add(k)  # delta-held and fresh
+                        continue
+                    del peer.entries[k]
+                    gone.append((peer.name, k))
+                rp.members = keep
+                if keep:
+                    pages.move_to_end(rp.index)  # stays for its fresh delta-held keys
+                else:
+                    del pages[rp.index]
+            own = peer.own
+            while own and own[0][0] < limit:
+                at, k = heapq.heappop(own)
+                r = peer.entries.get(k)
+                if r is None or r.at != at:
+                    continue
+                peer.drop(k)
+                gone.append((peer.name, k))
+            self._prune_tombs(peer)
+        self._stats["entries_expired"] += len(gone)
+        return gone
+
+    # --- peer table ------------------------------------------------------------------------
+
+    def peers(self) -> List[str]:
+        return list(self._peers)
+
+    def peer_entries(self, sender: str) -> Dict[Key, Entry]:
+        p = self._peers.get(sender)
+        return {k: r.entry for k, r in p.entries.items()} if p is not None else {}
+
+    def peer_entry(self, sender: str, key: Key) -> Optional[Entry]:
+        p = self._peers.get(sender)
+        r = p.entries.get(key) if p is not None else None
+        return r.entry if r is not None else None
+
+    def refreshed_at(self, sender: str, key: Key) -> Optional[float]:
+        p = self._peers.get(sender)
+        r = p.entries.get(key) if p is not None else None
+        if r is None:
+            return None
+        return r.at if r.at is not None and r.at > r.page.at else r.page.at
+
+    def peer_info(self, sender: str) -> Optional[dict]:
+        p = self._peers.get(sender)
+        if p is None:
+            return None
+        hb = p.heartbeat
+        return {"node": sender, "epoch": p.epoch, "first_heard": p.first_heard, "last_heard": p.last_heard,
+                "datagrams": p.datagrams + p.fast, "entries": len(p.entries), "pages": len(p.pages),
+                "heartbeat_at": p.heartbeat_at,
+                "load": hb.load if hb else None, "connections": hb.connections if hb else None,
+                "capacity": hb.capacity if hb else None, "prefixes": list(hb.prefixes) if hb else None,
+                "sync_port": hb.sync_port if hb else None}
+
+    def forget_peer(self, sender: str) -> int:
+        """Drop a peer's entries (after taking its connections over); its replay state stays,
+        so its old datagrams are still refused. Returns how many entries were dropped."""
+        p = self._peers.get(sender)
+        if p is None:
+            return 0
+        n = len(p.entries)
+        p.reset(p.epoch)
+        return n
+
+    def counters(self) -> dict:
+        d = dict(self._stats)
+        fast = sum(p.fast for p in self._peers.values())
+        d["received"] += fast
+        d["received_bytes"] += sum(p.fast_bytes for p in self._peers.values())
+        d["pages_unchanged"] += fast
+        d["dropped"] = dict(self._decoder.dropped)
+        d["dropped_total"] = sum(self._decoder.dropped.values())
+        d["sent_by_kind"] = dict(self._sent_by_kind)
+        d["received_by_kind"] = dict(self._received_by_kind)
+        d["received_by_kind"]["advert"] += fast
+        d["local_entries"] = len(self._local)
+        d["pages"] = len(self._pages)
+        d["generation"] = self._generation
+        d["peers"] = len(self._peers)
+        d["peer_entries"] = sum(len(p.entries) for p in self._peers.values())
+        return d
+
+    @property
+    def pages(self) -> int:
+        return len(self._pages)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
