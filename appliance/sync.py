@@ -24,7 +24,7 @@ Choices the design leaves open, fixed here:
   CLAIM's three copies are three datagrams with three seqs.
 * A delta ADVERT carries entries of one page only, and `page` is that page: a later full
   version of the page that lacks one of them (and is newer by seq) removes it.
-* `pages` is the sender's page capacity, grown in steps of 3 to 6 % (so that it, and with it
+* `pages` is the sender's page capacity, grown in steps of 1.5 to 3 % (so that it, and with it
   every page's bytes, rarely changes); pages past the last used one are sent empty.
   `generation` grows when the sender repacks (compaction): entries then change pages.
 * Insecure mode: key None. The MAC is then HMAC-SHA256 with the empty key: it still catches
@@ -64,7 +64,6 @@ REPLAY_WINDOW = 1024
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 MAX_OBJECTS_PER_PAGE = 15  # the object table stays a fixarray; indices one-byte fixints
 MAX_PAGES = 65535
-POPULAR = 8  # entries of one object from which it gets pages of its own
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}\Z")
@@ -78,7 +77,7 @@ Key = Tuple[bytes, int, bytes, int]
 # --- Entries ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectRef:
     """The object a response carries; entries on a page refer to a shared table of these."""
 
@@ -93,7 +92,7 @@ class ObjectRef:
             raise ValueError(f"invalid ObjectRef {self!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """What a peer needs to take a connection over (fields in the design's table order)."""
 
@@ -215,11 +214,21 @@ def _wire_entry(a, objs: list) -> "Entry":
     return _new_entry(a)
 
 
-def _new_entry(values: tuple) -> Entry:
-    """An Entry from already validated values, without the dataclass' checks (receive path)."""
-    e = object.__new__(Entry)
-    e.__dict__.update(zip(ENTRY_FIELDS, values))
-    return e
+def _unchecked(cls, names):
+    """A constructor of the frozen, slotted dataclass cls from already validated values,
+    without its checks (the receive path): the slots' setters, unrolled."""
+    env = {"_new": object.__new__, "cls": cls}
+    lines = [f"def make(v):", "    o = _new(cls)"]
+    for i, n in enumerate(names):
+        env[f"_s{i}"] = getattr(cls, n).__set__
+        lines.append(f"    _s{i}(o, v[{i}])")
+    lines.append("    return o")
+    exec("\n".join(lines), env)
+    return env["make"]
+
+
+_new_entry = _unchecked(Entry, ENTRY_FIELDS)
+_new_object = _unchecked(ObjectRef, ("host", "path", "etag", "last_modified", "total_length"))
 
 
 def entry_from_connection(conn) -> Optional[Entry]:
@@ -448,9 +457,7 @@ def _check_body(kind: int, body):
         for o in objects:
             if not (type(o) is list and len(o) == 5 and _object_ok(*o)):
                 raise _Bad
-            r = object.__new__(ObjectRef)
-            r.__dict__.update(host=o[0], path=o[1], etag=o[2], last_modified=o[3], total_length=o[4])
-            objs.append(r)
+            objs.append(_new_object(o))
         return (page, pages, gen, [_wire_entry(a, objs) for a in entries], delta)
     if kind == CLAIM:
         if len(body) != 3:
@@ -636,14 +643,15 @@ class _TxEntry:
 
 
 class _TxPage:
-    __slots__ = ("index", "keys", "objs", "used", "body", "in_open")
+    __slots__ = ("index", "keys", "objs", "used", "body", "rest", "in_open")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.keys: Dict[Key, _TxEntry] = {}
         self.objs: Dict[ObjectRef, int] = {}  # object -> entries of this page using it
         self.used = 0
-        self.body: Optional[bytes] = None
+        self.body: Optional[bytes] = None  # the encoded body (None: to be made)
+        self.rest: Optional[bytes] = None  # its bytes after `pages`: generation .. delta
         self.in_open = False
 
 
@@ -652,10 +660,10 @@ def _object_bytes(o: ObjectRef) -> bytes:
 
 
 def _page_capacity(needed: int) -> int:
-    """Page slots for `needed` pages: rounded up in steps of 1/32 to 1/16."""
+    """Page slots for `needed` pages: rounded up in steps of 1/64 to 1/32."""
     if needed <= 4:
         return 4
-    step = max(4, 1 << max(0, needed.bit_length() - 5))
+    step = max(4, 1 << max(0, needed.bit_length() - 6))
     return -(-needed // step) * step
 
 
@@ -663,12 +671,14 @@ def _page_capacity(needed: int) -> int:
 
 
 class _RxPage:
-    __slots__ = ("index", "digest", "blen", "at", "seq", "gen", "members")
+    __slots__ = ("index", "digest", "blen", "rest_digest", "rest_len", "at", "seq", "gen", "members")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.digest: Optional[int] = None  # of the full body last decoded (None: none since)
         self.blen = 0  # and its length
+        self.rest_digest: Optional[int] = None  # of its bytes after `pages`, and their length
+        self.rest_len = 0
         self.at = -math.inf
         self.seq = -1  # seq of the full version applied
         self.gen = -1
@@ -689,6 +699,7 @@ class _Peer:
     def __init__(self, name: str, epoch: int, now: float) -> None:
         self.name = name
         self.epoch = epoch
+        self.heard = (name, epoch)
         self.entries: Dict[Key, _RxEntry] = {}
         self.pages: "OrderedDict[int, _RxPage]" = OrderedDict()  # least recently refreshed first
         self.bodies: Dict[int, _RxPage] = {}  # digest of a page's body -> the page
@@ -712,6 +723,7 @@ class _Peer:
 
     def reset(self, epoch: int) -> None:
         self.epoch = epoch
+        self.heard = (self.name, epoch)
         self.entries.clear()
         self.pages.clear()
         self.bodies.clear()
@@ -728,6 +740,12 @@ class _Peer:
             r.page.members.discard(k)
 
 
+def _forget_digest(peer: _Peer, rp: _RxPage) -> None:
+    if rp.digest is not None:
+        peer.bodies.pop(rp.digest, None)
+    rp.digest = rp.rest_digest = None
+
+
 # --- One node -----------------------------------------------------------------------------
 
 
@@ -739,8 +757,8 @@ class SyncNode:
                  prefixes: Iterable[str] = ("/",), sync_port: int = 7700, pace: bool = True) -> None:
         if not (isinstance(node, str) and NODE_ID.match(node)):
             raise ValueError(f"node id must match [A-Za-z0-9_.-]{{1,32}}, not {node!r}")
-        if not (isinstance(group, str) and 0 < len(group.encode()) <= 64):
-            raise ValueError(f"group must be a non-empty str of at most 64 bytes, not {group!r}")
+        if not (isinstance(group, str) and 0 < len(group) <= 64):
+            raise ValueError(f"group must be a str of 1 to 64 characters, not {group!r}")
         if not _is_int(epoch, 0, _U64):
             raise ValueError("epoch must be an unsigned 64-bit int")
         if not (refresh > 0 and heartbeat > 0 and expire_periods > 0):
@@ -773,12 +791,12 @@ class SyncNode:
         self._pages: List[_TxPage] = []
         self._obj_bytes: Dict[ObjectRef, bytes] = {}
         self._obj_pages: Dict[ObjectRef, Dict[int, None]] = {}
-        self._obj_count: Dict[ObjectRef, int] = {}  # local entries per object
         self._open: List[int] = []  # heap of pages with room
         self._empty: List[int] = []  # heap of empty pages
         self._fill = 0  # the page most recently started
         self._generation = 0
         self._connections: Optional[int] = None
+        self._load: Optional[float] = None
         self._pending_delta: Dict[Key, None] = {}
         self._pending_withdraw: Dict[Key, None] = {}
         self._claims: List[list] = []  # [due, copies left, dead_node, dead_epoch, keys]
@@ -790,6 +808,9 @@ class SyncNode:
         self._rx_prefix: Dict[bytes, _Peer] = {}
         self._rx_lens: Tuple[int, ...] = ()
         self._rx_len = 0  # the one prefix length, -1 for several, 0 for none
+        # (sender, epoch) of the last datagram receive() accepted, None when it dropped it:
+        # any valid datagram is a sign of life, and most (unchanged pages) cause no event
+        self.heard_from: Optional[Tuple[str, int]] = None
         self._limit_at = 0.0
         self._stats = dict.fromkeys((
             "sent", "sent_bytes", "received", "received_bytes", "pages_unchanged", "pages_decoded",
@@ -807,15 +828,16 @@ class SyncNode:
         """Open connections for the heartbeat (None: the number of local entries)."""
         self._connections = n
 
-    def add_local(self, entry: Entry, now: Optional[float] = None) -> bool:
+    def add_local(self, entry: Entry, now: Optional[float] = None, _bulk: bool = False) -> bool:
         """Advertise (or update) an entry; with `now`, a delta ADVERT goes out at the next
-        outgoing(). False when the entry and its object cannot fit in one datagram."""
+        outgoing(). False when it cannot be advertised: the entry and its object do not fit in
+        one datagram (counted too_big), or the node has MAX_PAGES pages (pages_full)."""
         k = entry.key
         old = self._local.get(k)
         if old is not None and old.entry == entry:
             return True
         te = _TxEntry(entry)
-        why = self._place(te, old)
+        why = self._place(te, old, _bulk and old is None)
         if why is not None:
             self._stats[why] += 1
             if k in self._local:
@@ -856,7 +878,7 @@ class SyncNode:
                 groups.setdefault(e.object, []).append(e)
         for group in groups.values():
             for e in group:
-                self.add_local(e, now)
+                self.add_local(e, now, _bulk=True)
 
     def _obj(self, o: ObjectRef) -> bytes:
         b = self._obj_bytes.get(o)
@@ -873,8 +895,9 @@ class SyncNode:
             need += len(self._obj(o))
         return page.used + need <= self._page_budget
 
-    def _place(self, te: _TxEntry, old: Optional[_TxEntry]) -> Optional[str]:
-        """Put te on a page (None) or say why it cannot be advertised ("too_big", "pages_full")."""
+    def _place(self, te: _TxEntry, old: Optional[_TxEntry], bulk: bool = False) -> Optional[str]:
+        """Put te on a page (None) or say why it cannot be advertised ("too_big", "pages_full").
+        bulk: entries come grouped by object; fill pages one after the other."""
         k = te.entry.key
         o = te.entry.object
         if te.size + (len(self._obj(o)) if o is not None else 0) > self._page_budget:
@@ -887,15 +910,20 @@ class SyncNode:
                 self._put(page, te)
                 return None
             self._mark_open(page)
-        # Its object's most recent pages first. A popular object (POPULAR entries or more) gets
-        # a page of its own when those are full: more of its entries will likely follow, and
-        # every page repeats the objects it uses. Others share the page being filled.
+        # One by one: its object's most recent pages first; an object already on some page
+        # gets a page of its own when those are full (more of its entries will likely
+        # follow, and every page repeats the objects it uses); an object's first entry
+        # shares the page being filled.
         page = None
         popular = False
-        if o is not None:
+        if bulk:
+            popular = True  # the next empty page becomes the page being filled
+            if self._fill < len(self._pages) and self._room(self._pages[self._fill], te):
+                page = self._pages[self._fill]
+        elif o is not None:
             cands = self._obj_pages.get(o)
             if cands:
-                popular = self._obj_count.get(o, 0) >= POPULAR
+                popular = True
                 for j, i in enumerate(reversed(cands)):
                     if j == 4:
                         break
@@ -919,7 +947,7 @@ class SyncNode:
             page = self._empty_page()
             if page is None:
                 return "pages_full"
-            if not popular:
+            if not popular or bulk:
                 self._fill = page.index
         self._put(page, te)
         return None
@@ -937,7 +965,7 @@ class SyncNode:
             self._pages.append(_TxPage(i))
             if i > n:
                 heapq.heappush(self._empty, i)
-        for p in self._pages[:n]:  # `pages` is in every body
+        for p in self._pages[:n]:  # `pages` is in every body (the rest stays)
             p.body = None
         return self._pages[n]
 
@@ -948,13 +976,12 @@ class SyncNode:
         page.keys[k] = te
         page.used += te.size
         if o is not None:
-            self._obj_count[o] = self._obj_count.get(o, 0) + 1
             c = page.objs.get(o, 0)
             if c == 0:
                 page.used += len(self._obj(o))
                 self._obj_pages.setdefault(o, {})[page.index] = None
             page.objs[o] = c + 1
-        page.body = None
+        page.body = page.rest = None
         self._local[k] = te
         if self._page_budget - page.used < 128 and page.in_open:
             pass  # lazily removed from the open heap
@@ -964,11 +991,6 @@ class SyncNode:
         page.used -= te.size
         o = te.entry.object
         if o is not None:
-            n = self._obj_count[o] - 1
-            if n:
-                self._obj_count[o] = n
-            else:
-                del self._obj_count[o]
             c = page.objs[o] - 1
             if c:
                 page.objs[o] = c
@@ -981,7 +1003,7 @@ class SyncNode:
                     if not ps:
                         del self._obj_pages[o]
                         self._obj_bytes.pop(o, None)
-        page.body = None
+        page.body = page.rest = None
 
     def _mark_open(self, page: _TxPage) -> None:
         if not page.keys:
@@ -998,10 +1020,17 @@ class SyncNode:
     def _body(self, page: _TxPage) -> bytes:
         b = page.body
         if b is None:
-            b = page.body = self._page_body(page.index, page.keys.values(), False)
+            rest = page.rest
+            if rest is None:
+                rest = page.rest = self._page_rest(page.keys.values(), False)
+            b = page.body = b"".join((b"\x96", _packb(page.index), _packb(len(self._pages)), rest))
         return b
 
     def _page_body(self, index: int, tes, delta: bool) -> bytes:
+        return b"".join((b"\x96", _packb(index), _packb(len(self._pages)), self._page_rest(tes, delta)))
+
+    def _page_rest(self, tes, delta: bool) -> bytes:
+        """An ADVERT body after `pages`: generation, objects, entries, delta."""
         objs: Dict[ObjectRef, bytes] = {}
         parts = []
         for te in tes:
@@ -1013,8 +1042,7 @@ class SyncNode:
                 if i is None:
                     i = objs[o] = bytes((len(objs),))
                 parts.append(te.pre + i + te.post)
-        return b"".join((b"\x96", _packb(index), _packb(len(self._pages)), _packb(self._generation),
-                         _array_header(len(objs)), *(self._obj(o) for o in objs),
+        return b"".join((_packb(self._generation), _array_header(len(objs)), *(self._obj(o) for o in objs),
                          _array_header(len(parts)), *parts, b"\xc3" if delta else b"\xc2"))
 
     def compact(self) -> None:
@@ -1026,11 +1054,10 @@ class SyncNode:
         self._stats["compactions"] += 1
         self._pages, self._open, self._empty, self._fill = [], [], [], 0
         self._obj_pages = {}
-        self._obj_count = {}
         self._local = {}
         for group in by_obj.values():
             for te in group:
-                self._place(te, None)
+                self._place(te, None, bulk=True)
 
     def _needs_compaction(self) -> bool:
         n = len(self._pages)
@@ -1056,7 +1083,30 @@ class SyncNode:
 
     def heartbeat_body(self) -> list:
         n = len(self._local) if self._connections is None else self._connections
-        return [min(1.0, n / self.capacity), n, self.capacity, self.prefixes, self.sync_port]
+        return [self.advertised_load, n, self.capacity, self.prefixes, self.sync_port]
+
+    @property
+    def advertised_load(self) -> float:
+        """The load the HEARTBEATs carry: the value set (e.g. selection.LoadAdvertiser's, rounded
+        with hysteresis), else connections / capacity; always clamped to 0..1."""
+        load = self._load
+        if load is None:
+            n = len(self._local) if self._connections is None else self._connections
+            load = n / self.capacity
+        try:
+            load = float(load)
+        except (TypeError, ValueError):
+            return 1.0
+        return min(1.0, max(0.0, load)) if math.isfinite(load) else 1.0
+
+    @advertised_load.setter
+    def advertised_load(self, load: Optional[float]) -> None:
+        self._load = load
+
+    @property
+    def local_count(self) -> int:
+        """How many entries this node advertises (O(1), unlike local_entries())."""
+        return len(self._local)
 
     def outgoing(self, now: float) -> List[Tuple[int, bytes]]:
         """The datagrams due at `now`, each to be sent to every peer: a heartbeat when due,
@@ -1176,8 +1226,22 @@ class SyncNode:
         p = self._peers.get(sender)
         if p is None or p.epoch != epoch:
             return None
-        rp = p.bodies.get(hash(raw))
-        return rp if rp is not None and rp.blen == len(raw) else None
+        digest = hash(raw)
+        rp = p.bodies.get(digest)
+        if rp is not None and rp.blen == len(raw):
+            return rp
+        # The same page with only `pages` changed (the sender's page capacity grew): as good
+        # as unchanged; its new digest is taken once the datagram is accepted.
+        try:
+            index, pos = _take_int(raw, 1)
+            _, pos = _take_int(raw, pos)
+        except Exception:
+            return None
+        rp = p.pages.get(index)
+        if (rp is not None and raw[0] == 0x96 and rp.rest_digest is not None and rp.rest_len == len(raw) - pos
+                and rp.rest_digest == hash(raw[pos:])):
+            return (rp, digest, len(raw))
+        return None
 
     def receive(self, data, now: float) -> list:
         """One datagram from the network: the events it causes (possibly none). Never raises.
@@ -1185,6 +1249,7 @@ class SyncNode:
         The fast path (a full ADVERT page whose body is byte-identical to the page's last
         decoded version, from a known peer and epoch): MAC, prefix lookup, body digest,
         replay window, timestamp bump. Everything else goes through the Decoder."""
+        self.heard_from = None
         if type(data) is not bytes:
             try:
                 data = bytes(data)
@@ -1234,6 +1299,7 @@ class SyncNode:
         peer.last_heard = now
         peer.fast += 1
         peer.fast_bytes += n
+        self.heard_from = peer.heard
         return []
 
     def _receive_slow(self, data: bytes, now: float, mac_end: Optional[int]) -> list:
@@ -1263,11 +1329,18 @@ class SyncNode:
             self._unregister_prefix(peer)
             peer.reset(msg.epoch)
         peer.window = dec.windows[sender]
+        self.heard_from = peer.heard
         peer.last_heard = now
         peer.datagrams += 1
         kind = msg.kind
         if msg.cached:  # an unchanged full page: bump its timestamp only
             rp = msg.body
+            if type(rp) is tuple:  # only `pages` changed: take the new digest
+                rp, digest, blen = rp
+                if rp.digest is not None:
+                    peer.bodies.pop(rp.digest, None)
+                rp.digest, rp.blen = digest, blen
+                peer.bodies[digest] = rp
             if msg.seq > rp.seq:
                 rp.seq = msg.seq
             rp.at = now
@@ -1359,6 +1432,12 @@ class SyncNode:
             peer.bodies.pop(rp.digest, None)
         rp.digest, rp.blen = hash(raw), len(raw)
         peer.bodies[rp.digest] = rp
+        try:
+            _, pos = _take_int(raw, 1)
+            _, pos = _take_int(raw, pos)
+            rp.rest_digest, rp.rest_len = hash(raw[pos:]), len(raw) - pos
+        except Exception:  # pragma: no cover - raw is a checked ADVERT body
+            rp.rest_digest = None
         rp.seq, rp.gen, rp.at = seq, gen, now
         peer.pages.move_to_end(index)
 
@@ -1420,6 +1499,8 @@ class SyncNode:
             if r is not None and r.seq < seq:
                 peer.drop(k)
                 gone.append(k)
+                if r.at is None:  # its page's bytes, if sent again unchanged, must be decoded
+                    _forget_digest(peer, r.page)
             if peer.tombs.get(k, -1) < seq:
                 peer.tombs[k] = seq
                 heapq.heappush(peer.tomb_order, (seq, k))
@@ -1451,9 +1532,7 @@ class SyncNode:
                     break
                 old.append(rp)
             for rp in old:
-                if rp.digest is not None:
-                    peer.bodies.pop(rp.digest, None)
-                    rp.digest = None
+                _forget_digest(peer, rp)
                 keep = set()
                 for k in rp.members:
                     r = peer.entries.get(k)

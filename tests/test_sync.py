@@ -869,3 +869,50 @@ def test_entry_from_connection_not_advertisable():
     feed(m, [k.syn(), k.synack(), k.c(get())])
     feed(m, [k.s(head(), 1000), k.c(b"", flags=fp.RST | fp.ACK)])
     assert entry_from_connection(m.get(C4, 40004, S4, 80)) is None
+
+
+def test_page_capacity_growth_does_not_make_receivers_decode_unchanged_pages():
+    a, b = node("a"), node("b")
+    objs = [dataclasses.replace(OBJ, path=f"/{i}") for i in range(10)]
+    a.set_local([entry(i, obj=objs[i % 10]) for i in range(900)])
+    n0 = a.pages
+    for d in datagrams(a.refresh_datagrams(0.0)):
+        b.receive(d, 0.0)
+    decoded = b.counters()["pages_decoded"]
+    assert decoded == n0
+    i = 900
+    while a.pages == n0:  # grow until the page capacity (`pages`, in every body) steps up
+        a.add_local(entry(i, obj=objs[0]))
+        i += 1
+    changed = sum(p.rest is None for p in a._pages)  # pages whose entries changed
+    for d in datagrams(a.refresh_datagrams(1.0)):
+        b.receive(d, 1.0)
+    c = b.counters()
+    assert c["pages_decoded"] - decoded <= changed + (a.pages - n0)
+    assert b.peer_entries("a") == a.local_entries()
+    for d in datagrams(a.refresh_datagrams(2.0)):  # and the new bytes are on the fast path
+        b.receive(d, 2.0)
+    assert b.counters()["pages_decoded"] == c["pages_decoded"]
+
+
+def test_advertised_load_heard_from_and_local_count():
+    a, b = node("a", capacity=4), node("b")
+    for i in range(3):
+        a.add_local(entry(i))
+    assert a.local_count == 3 and a.advertised_load == 0.75
+    a.advertised_load = 0.5  # e.g. selection.LoadAdvertiser's rounded value
+    assert a.heartbeat_body()[:2] == [0.5, 3]
+    for v, want in ((7, 1.0), (-1, 0.0), (float("nan"), 1.0), ("x", 1.0)):
+        a.advertised_load = v
+        assert a.advertised_load == want
+    a.advertised_load = None
+    assert a.advertised_load == 0.75
+    out = datagrams(a.outgoing(0.0)) + datagrams(a.refresh_datagrams(0.0))
+    for d in out:
+        b.receive(d, 0.0)
+        assert b.heard_from == ("a", 1)
+    b.receive(out[-1], 0.0)  # a replay: not a sign of life
+    assert b.heard_from is None
+    b.receive(out[-1][:-1], 0.0)
+    assert b.heard_from is None
+    assert b.peer_info("a")["last_heard"] == 0.0 and b.peer_info("a")["datagrams"] == len(out)
