@@ -1,42 +1,57 @@
 """Support-group soft-state synchronization: wire codec, replay protection, advertisement
 pages and the peer table (sans-I/O; the design of record is docs/support-group.md).
 
-No sockets, no clock: `now` (seconds, any monotonic epoch) is always passed in, datagrams go
-in and out as bytes. The adapter sends every datagram of `outgoing()` to every peer and
-feeds every datagram it receives to `receive()`.
+No sockets, no clock: `now` (seconds, one monotonic clock) is always passed in; datagrams go
+in and out as bytes. The adapter sends every datagram of `outgoing()` to every peer (the same
+bytes to each) and feeds every datagram it receives to `receive()`.
 
-    node = SyncNode("a", "video", key, epoch=time_us())
-    node.add_local(entry, now)               # a response started: delta ADVERT at once
-    node.remove_local(entry.key, now)        # the connection ended: WITHDRAW at once
-    for kind, datagram in node.outgoing(now):   # call it every few ms (each heartbeat tick)
+    node = SyncNode("a", "video", key, epoch=time_us(), refresh=1.0, heartbeat=0.02)
+    node.add_local(entry, now)             # a response started: a delta ADVERT goes out
+    node.remove_local(entry.key, now)      # the connection ended: a WITHDRAW goes out
+    node.claim(dead, dead_epoch, keys, now)   # CLAIM, sent 3 times, `heartbeat` apart
+    for kind, datagram in node.outgoing(now):  # every heartbeat tick (20 ms) or sooner
         send_to_every_peer(datagram)
-    events = node.receive(datagram, now)     # Heartbeat, PeerNew, PeerEpoch, Claim, Withdraw
-    node.expire(now)                         # entries not refreshed for expire_periods x refresh
-    node.peer_entries("b")                   # {key: Entry}, what b advertised
+    events = node.receive(datagram, now)   # never raises; node.heard_from: (sender, epoch)
+    node.expire(now)                       # [(sender, key)] not refreshed for 3 x refresh
+    node.peer_entries("b"), node.peer_info("b"), node.forget_peer("b"), node.counters()
+
+Events (NamedTuples whose first field is `kind`, so they compare equal to plain tuples):
+Heartbeat("heartbeat", sender, epoch, load, connections, capacity, prefixes, sync_port),
+PeerNew("peer_new", sender, epoch), PeerEpoch("peer_epoch", sender, old, new) (a restart:
+the old entries are already dropped), Claim("claim", sender, epoch, dead_node, dead_epoch,
+keys), Withdraw("withdraw", sender, epoch, keys, dropped). Most datagrams (unchanged pages)
+cause no event; `heard_from` tells after each receive() whether it was a valid datagram (a
+sign of life) and from whom.
 
 Wire format (docs/support-group.md): byte 0 = version 1, then the msgpack array
 [kind, group, sender, epoch, seq, body], then HMAC-SHA256(key, everything before it).
 Choices the design leaves open, fixed here:
 * `Entry.state` travels as an int (1 ACTIVE, 0 IDLE); the object as an index into the page's
-  object table (nil when IDLE); addresses as msgpack bin. An IDLE entry has object None,
-  req_range None and status, body_start, body_offset, body_length 0.
-* `seq` starts at 1 for each (sender, epoch) and grows by one per datagram, every kind; a
-  CLAIM's three copies are three datagrams with three seqs.
-* A delta ADVERT carries entries of one page only, and `page` is that page: a later full
-  version of the page that lacks one of them (and is newer by seq) removes it.
-* `pages` is the sender's page capacity, grown in steps of 1.5 to 3 % (so that it, and with it
-  every page's bytes, rarely changes); pages past the last used one are sent empty.
-  `generation` grows when the sender repacks (compaction): entries then change pages.
-* Insecure mode: key None. The MAC is then HMAC-SHA256 with the empty key: it still catches
+  object table (nil when IDLE); addresses as msgpack bin. entry_from_connection() makes
+  IDLE entries with req_range None and status, body_start, body_offset, body_length 0.
+* `seq` starts at 1 for each (sender, epoch), grows by one per datagram of any kind, and is
+  written as a msgpack uint32 (uint64 past 2**32); a CLAIM's copies have their own seqs.
+* A delta ADVERT carries entries of one page only, and `page` is that page: a full version
+  of the page sent after the delta is the truth about them.
+* `pages` is the sender's page capacity, grown in steps of 1.5 to 3 %; pages past the last
+  used one are sent empty. Every body carries it, so a receiver recognizes a page whose only
+  change is `pages` as unchanged. `generation` (mod 65536) changes when the sender repacks
+  (compaction after many removals); entries then change pages, and a receiver that has all
+  pages of the new generation drops what none of them carried.
+* Insecure mode: key None. The MAC is then HMAC-SHA256 with the empty key: it catches
   corruption but authenticates nothing; every member of the group must use it.
+
+Sender: entries keep their page while they live (an update stays on its page when it fits);
+a page's body bytes are cached and re-made only when its entries change, so a refresh of
+unchanged pages costs a seq and a MAC per datagram. The refresh is paced: page i of a round
+goes out at round start + i/pages x refresh (pace=False: all pages at once).
 
 Receiver rules, per sender and epoch (seq orders everything): an entry learnt from a
 datagram is replaced only by a datagram with a higher seq; a WITHDRAW leaves a tombstone
 that older datagrams (still inside the replay window) cannot undo; a full page that lacks a
-key of its previous version (same generation) removes it. Unchanged full pages are
-recognized by their body bytes (the digest is the byte string itself, compared with memcmp:
-cheaper than any hash and without collisions) and only bump the page's timestamp, which
-every entry held by the page shares.
+key of its previous version (same generation) removes it. An unchanged full page is
+recognized by the digest of its body (Python's 64-bit keyed hash of the bytes) and only
+bumps the page's timestamp, which every entry the page carries shares: no msgpack decode.
 """
 
 from __future__ import annotations
@@ -61,7 +76,7 @@ KIND_NAMES = {HEARTBEAT: "heartbeat", ADVERT: "advert", CLAIM: "claim", WITHDRAW
 ACTIVE, IDLE = "ACTIVE", "IDLE"
 _STATE_WIRE = {ACTIVE: 1, IDLE: 0}
 REPLAY_WINDOW = 1024
-_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
+_RING_MASK = REPLAY_WINDOW - 1  # REPLAY_WINDOW is a power of two
 MAX_OBJECTS_PER_PAGE = 15  # the object table stays a fixarray; indices one-byte fixints
 MAX_PAGES = 65535
 _U32 = 0xFFFFFFFF
@@ -351,27 +366,28 @@ class Message(NamedTuple):
 
 
 class _Window:
-    """Replay state of one sender: its newest epoch and a 1024-seq sliding bitmap."""
+    """Replay state of one sender: its newest epoch, its highest seq `top`, and which of the
+    1024 seqs up to top were seen. The window is a ring: slot seq % 1024 holds the last seq
+    seen with that residue; a seq inside the window was seen iff its slot holds it (any
+    other seq of that residue is outside the window). Same answers as a sliding bitmap."""
 
-    __slots__ = ("epoch", "top", "bits")
+    __slots__ = ("epoch", "top", "ring")
 
     def __init__(self, epoch: int, seq: int) -> None:
-        self.epoch, self.top, self.bits = epoch, seq, 1
+        self.epoch, self.top = epoch, seq
+        self.ring = [-1] * REPLAY_WINDOW
+        self.ring[seq & _RING_MASK] = seq
 
     def check(self, seq: int) -> bool:
         """True when seq is new (not seen, not older than the window); does not record it."""
-        d = self.top - seq
-        if d < 0:
+        if seq > self.top:
             return True
-        return d < REPLAY_WINDOW and not (self.bits >> d) & 1
+        return seq > self.top - REPLAY_WINDOW and self.ring[seq & _RING_MASK] != seq
 
     def record(self, seq: int) -> None:
-        d = seq - self.top
-        if d > 0:
-            self.bits = ((self.bits << d) | 1) & _WINDOW_MASK if d < REPLAY_WINDOW else 1
+        self.ring[seq & _RING_MASK] = seq
+        if seq > self.top:
             self.top = seq
-        else:
-            self.bits |= 1 << -d
 
 
 class _Bad(Exception):
@@ -1283,15 +1299,13 @@ class SyncNode:
         if b != 0xCE or rp is None or rp.blen != len(raw):
             return self._receive_slow(data, now, end)
         w = peer.window
-        d = w.top - seq
-        if d < 0:
-            w.bits = ((w.bits << -d) | 1) & _WINDOW_MASK if d > -REPLAY_WINDOW else 1
+        top = w.top
+        if seq > top:
             w.top = seq
-        elif d < REPLAY_WINDOW and not (w.bits >> d) & 1:
-            w.bits |= 1 << d
-        else:
+        elif seq <= top - REPLAY_WINDOW or w.ring[seq & _RING_MASK] == seq:
             self._decoder.dropped["replay"] += 1
             return []
+        w.ring[seq & _RING_MASK] = seq
         rp.at = now
         if seq > rp.seq:
             rp.seq = seq
@@ -1472,7 +1486,9 @@ class SyncNode:
         if seq > peer.adv_top:
             peer.adv_top = seq
             if gen != peer.gen:
-                peer.gen, peer.gen_min, peer.gen_pages, peer.gen_swept = gen, seq, set(), False
+                # the first generation heard from this sender epoch has nothing older to sweep
+                first = peer.gen == -1
+                peer.gen, peer.gen_min, peer.gen_pages, peer.gen_swept = gen, seq, set(), first
         elif gen == peer.gen and seq < peer.gen_min:
             peer.gen_min = seq
         if delta or gen != peer.gen or peer.gen_swept:

@@ -251,6 +251,29 @@ def test_replay_window_allows_reordering_rejects_duplicates_and_old():
     assert b.receive(ds[2500 + 1024], 0) if 3524 in ds else True
 
 
+def test_replay_window_matches_a_model_of_the_design():
+    """Accept a seq iff it is newer than any seen, or within the 1024 below the newest and
+    not seen before: checked against a plain set on random reordered, duplicated streams."""
+    rnd = random.Random(5)
+    w = sync._Window(1, 1)
+    seen, top = {1}, 1
+    for _ in range(20000):
+        r = rnd.random()
+        if r < 0.6:
+            seq = top + rnd.randrange(1, 30)
+        elif r < 0.9:
+            seq = max(0, top - rnd.randrange(0, 1100))
+        else:
+            seq = top + rnd.randrange(1000, 3000)  # a jump
+        want = seq > top or (seq > top - 1024 and seq not in seen)
+        assert w.check(seq) == want, (seq, top)
+        if want:
+            w.record(seq)
+            seen.add(seq)
+            top = max(top, seq)
+        assert w.top == top
+
+
 def test_new_epoch_resets_the_window_and_drops_the_peers_entries():
     a, b = node("a", epoch=10), node("b")
     a.add_local(entry(1), 0.0)
@@ -277,7 +300,12 @@ def test_fuzz_never_raises():
         a.add_local(entry(i, v6=i % 2 == 0, rng="bytes=5-" if i % 3 == 0 else None), 0.0)
     a.claim("z", 3, [entry(1).key], 0.0)
     a.remove_local(entry(0).key, 0.0)
-    valid = datagrams(a.outgoing(0.0))
+    valid = datagrams(a.outgoing(0.0)) + datagrams(a.refresh_datagrams(0.0))
+    for d in valid:  # b knows a: its prefix is registered, the fast path is armed
+        b.receive(d, 0.0)
+    assert b.peer_entries("a") == a.local_entries()
+    prefix = b._peers["a"].prefix
+    assert prefix
     shapes = [None, True, 1.5, -1, 2 ** 70, "", "x" * 40, b"\0", [], [[]], {}, {"a": 1},
               msgpack.ExtType(5, b"x"), [None] * 23, [b"\1\2\3\4"] * 23, [1] * 6]
     now = 1.0
@@ -293,8 +321,13 @@ def test_fuzz_never_raises():
             for _ in range(rnd.randrange(1, 4)):
                 d[rnd.randrange(len(d))] ^= 1 << rnd.randrange(8)
             d = bytes(d)
-        elif r < 0.75:  # a valid MAC over garbage
+        elif r < 0.7:  # a valid MAC over garbage
             d = mac(bytes((1,)) + rnd.randbytes(rnd.randrange(1, 300)))
+        elif r < 0.75:  # a known peer's prefix and a valid MAC, then a seq and anything
+            body = rnd.choice([rnd.randbytes(rnd.randrange(0, 200)), msgpack.packb(rnd.choice(shapes[:4])),
+                               rnd.choice(valid)[len(prefix) + 5:-32]])
+            d = mac(prefix + rnd.choice([b"\xce" + rnd.randbytes(4), b"\xcf" + rnd.randbytes(8), b"\x05",
+                                         b"\xc0", b""]) + body)
         else:  # a valid MAC over msgpack of wrong shapes/types
             kind = rnd.choice([0, 1, 2, 3, 4, 5, "1", None])
             body = rnd.choice(shapes)
@@ -313,6 +346,7 @@ def test_fuzz_never_raises():
         b.receive(d, now)
         now += 0.001
     b.expire(now + 100)
+    assert b.peer_entries("a") == {}
     c = b.counters()
     assert c["dropped_total"] > 2000
     assert c["dropped"]["undecodable"] > 300 and c["dropped"]["mac"] > 300
