@@ -402,9 +402,9 @@ def _take_int(data, pos: int):
         return data[pos + 1], pos + 2
     if b == 0xCD:
         return (data[pos + 1] << 8) | data[pos + 2], pos + 3
-    if b == 0xCE:
+    if b == 0xCE and pos + 5 <= len(data):
         return int.from_bytes(data[pos + 1:pos + 5], "big"), pos + 5
-    if b == 0xCF:
+    if b == 0xCF and pos + 9 <= len(data):
         return int.from_bytes(data[pos + 1:pos + 9], "big"), pos + 9
     raise _Bad
 
@@ -416,6 +416,8 @@ def _take_str(data, pos: int):
     elif b == 0xD9:
         n, pos = data[pos + 1], pos + 2
     else:
+        raise _Bad
+    if pos + n > len(data):
         raise _Bad
     return data[pos:pos + n], pos + n
 
@@ -564,7 +566,10 @@ class Decoder:
             if not (type(group) is str and type(sender) is str and NODE_ID.match(sender)
                     and _is_int(epoch, 0, _U64) and _is_int(seq, 0, _U64) and type(kind) is int):
                 return self._drop("undecodable")
-            raw_body = _packb(body)
+            try:
+                raw_body = _packb(body)  # the digest of a foreign encoding: its canonical bytes
+            except Exception:
+                return self._drop("undecodable")
             cached = False
             head = 0
         if kind not in KIND_NAMES or not _is_int(epoch, 0, _U64) or not _is_int(seq, 0, _U64):
@@ -702,13 +707,14 @@ class _RxPage:
 
 
 class _RxEntry:
-    __slots__ = ("entry", "page", "seq", "at")
+    __slots__ = ("entry", "page", "seq", "at", "gen")
 
-    def __init__(self, entry: Entry, page: _RxPage, seq: int, at: Optional[float]) -> None:
+    def __init__(self, entry: Entry, page: _RxPage, seq: int, at: Optional[float], gen: int) -> None:
         self.entry = entry
-        self.page = page
+        self.page = page  # the page (of generation `gen`) the datagram put it on
         self.seq = seq
         self.at = at  # own timestamp (from a delta); None: the page's timestamp applies
+        self.gen = gen
 
 
 class _Peer:
@@ -788,7 +794,9 @@ class SyncNode:
         self.insecure = self.key is None
         self.refresh, self.heartbeat, self.expire_periods = float(refresh), float(heartbeat), expire_periods
         self.capacity = capacity
-        self.prefixes = [str(p) for p in prefixes]
+        self.prefixes = list(prefixes)
+        if not all(isinstance(p, str) for p in self.prefixes):
+            raise ValueError("prefixes must be strings")
         self.sync_port = sync_port
         self.pace = pace
         self._mac = _Mac(self.key)
@@ -802,6 +810,9 @@ class SyncNode:
         # objects (<= 15: fixarray), entries (array16), delta
         self._page_budget = MAX_DATAGRAM - overhead - (1 + 3 + 3 + 3 + 1 + 3 + 1)
         self._keys_budget = MAX_DATAGRAM - overhead - (1 + 3) - (1 + 34 + 9)
+        biggest = _packb([0.5, _U64, _U64, self.prefixes, 65535])
+        if overhead + len(biggest) > MAX_DATAGRAM:
+            raise ValueError("prefixes too long: a HEARTBEAT must fit in 1200 bytes")
         # local side
         self._local: Dict[Key, _TxEntry] = {}
         self._pages: List[_TxPage] = []
@@ -827,11 +838,10 @@ class SyncNode:
         # (sender, epoch) of the last datagram receive() accepted, None when it dropped it:
         # any valid datagram is a sign of life, and most (unchanged pages) cause no event
         self.heard_from: Optional[Tuple[str, int]] = None
-        self._limit_at = 0.0
         self._stats = dict.fromkeys((
             "sent", "sent_bytes", "received", "received_bytes", "pages_unchanged", "pages_decoded",
-            "pages_stale", "deltas_received", "deltas_stale", "generation_sweeps", "entries_expired", "entries_withdrawn", "too_big", "pages_full",
-            "compactions", "refresh_rounds"), 0)
+            "pages_stale", "deltas_received", "deltas_stale", "generation_sweeps", "entries_expired",
+            "entries_withdrawn", "too_big", "pages_full", "compactions", "refresh_rounds"), 0)
         self._sent_by_kind = dict.fromkeys(KIND_NAMES.values(), 0)
         self._received_by_kind = dict.fromkeys(KIND_NAMES.values(), 0)
 
@@ -863,9 +873,9 @@ class SyncNode:
                 if now is not None:
                     self._pending_withdraw[k] = None
             return False
+        self._pending_withdraw.pop(k, None)  # alive again after all
         if now is not None:
             self._pending_delta[k] = None
-            self._pending_withdraw.pop(k, None)
         return True
 
     def remove_local(self, key: Key, now: Optional[float] = None) -> bool:
@@ -1414,19 +1424,20 @@ class SyncNode:
             self._stats["pages_stale"] += 1
             return
         self._stats["pages_decoded"] += 1
-        same_gen = rp.gen == gen or rp.seq < 0
         new_members = set()
         tab = peer.entries
+        skipped = False
         for e in entries:
             k = e.key
             r = tab.get(k)
             if self._newer_known(peer, k, seq):
+                skipped = True
                 if r is not None and r.page is rp:
                     new_members.add(k)
                 continue
             if r is not None and r.page is not rp:
                 r.page.members.discard(k)
-            tab[k] = _RxEntry(e, rp, seq, None)
+            tab[k] = _RxEntry(e, rp, seq, None, gen)
             new_members.add(k)
         for k in rp.members - new_members:
             r = tab.get(k)
@@ -1434,7 +1445,7 @@ class SyncNode:
                 continue
             if r.seq > seq:
                 new_members.add(k)  # a newer delta: its own timestamp rules
-            elif same_gen:
+            elif r.gen == gen:
                 del tab[k]  # gone from its page: the connection ended
             else:  # the sender repacked: it may live on another page now; let it expire
                 new_members.add(k)
@@ -1442,8 +1453,11 @@ class SyncNode:
                     r.at = rp.at
                     heapq.heappush(peer.own, (rp.at, k))
         rp.members = new_members
-        if rp.digest is not None:
-            peer.bodies.pop(rp.digest, None)
+        rp.seq, rp.gen, rp.at = seq, gen, now
+        peer.pages.move_to_end(index)
+        _forget_digest(peer, rp)
+        if skipped:  # the table is not this body: the same bytes again must be decoded again
+            return
         rp.digest, rp.blen = hash(raw), len(raw)
         peer.bodies[rp.digest] = rp
         try:
@@ -1452,8 +1466,6 @@ class SyncNode:
             rp.rest_digest, rp.rest_len = hash(raw[pos:]), len(raw) - pos
         except Exception:  # pragma: no cover - raw is a checked ADVERT body
             rp.rest_digest = None
-        rp.seq, rp.gen, rp.at = seq, gen, now
-        peer.pages.move_to_end(index)
 
     def _apply_delta(self, peer: _Peer, seq: int, now: float, body) -> None:
         index, _pages, gen, entries, _ = body
@@ -1475,9 +1487,11 @@ class SyncNode:
             r = tab.get(k)
             if r is not None and r.page is not rp:
                 r.page.members.discard(k)
-            tab[k] = _RxEntry(e, rp, seq, now)
+            tab[k] = _RxEntry(e, rp, seq, now, gen)
             rp.members.add(k)
             heapq.heappush(peer.own, (now, k))
+            # the page's last decoded bytes no longer describe what the table holds for it
+            _forget_digest(peer, rp)
 
     def _track_generation(self, peer: _Peer, seq: int, body) -> None:
         """Once every page of the sender's newest generation has arrived, entries that no

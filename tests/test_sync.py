@@ -722,6 +722,33 @@ def test_network_views_converge_despite_loss_reordering_duplicates_and_partition
     assert views_match(sim.nodes) == []
 
 
+def test_network_converges_through_bursts_compaction_partition_and_restart():
+    names = "abcd"
+    sim = Sim(names, 12, loss=0.1, dup=0.1, delay=(0.001, 0.08))
+    sim.run(1.0, churn=2)
+    for i, nd in enumerate(sim.nodes.values()):  # a burst of connections on every node
+        for j in range(400):
+            nd.add_local(entry(100000 * (i + 1) + j, obj=sim.objs[j % 6], server=i + 1), sim.t)
+    sim.run(1.3, churn=2)
+    for nd in sim.nodes.values():  # most end; half of the withdraws are never sent
+        for k in list(nd.local_entries())[:-30]:
+            nd.remove_local(k, sim.t if sim.rng.random() < 0.5 else None)
+    sim.net.partition(names[:2], names[2:])
+    sim.run(1.5, churn=2)
+    old = sim.nodes["d"]  # d restarts with a few of its connections
+    new = node("d", epoch=old.epoch + 5, refresh=1.0, heartbeat=0.02)
+    for e in list(old.local_entries().values())[:10]:
+        new.add_local(e, sim.t)
+    sim.nodes["d"] = new
+    sim.run(0.5, churn=2)
+    sim.net.heal()
+    sim.net.loss = 0.0
+    sim.run(2.0)
+    assert views_match(sim.nodes) == []
+    c = [nd.counters() for nd in sim.nodes.values()]
+    assert sum(x["compactions"] for x in c) >= 3 and sum(x["generation_sweeps"] for x in c) >= 1
+
+
 def test_network_deltas_are_visible_within_one_network_delay():
     sim = Sim("abc", 3, delay=(0.004, 0.005))
     sim.run(1.5)
