@@ -827,6 +827,7 @@ class SyncNode:
         self._pending_delta: Dict[Key, None] = {}
         self._pending_withdraw: Dict[Key, None] = {}
         self._claims: List[list] = []  # [due, copies left, dead_node, dead_epoch, keys]
+        self._claims_new: Dict[tuple, Dict[Key, None]] = {}  # (node, epoch, copies) -> keys
         self._next_heartbeat: Optional[float] = None
         self._round_start: Optional[float] = None
         self._round_next = 0
@@ -1159,6 +1160,11 @@ class SyncNode:
             self._pending_delta.clear()
             for i, tes in by_page.items():
                 self._emit(out, ADVERT, self._page_body(i, tes, True))
+        if self._claims_new:
+            for (node, epoch, copies), keys in self._claims_new.items():
+                for chunk in self._key_chunks([list(k) for k in keys]):
+                    self._claims.append([now, copies, node, epoch, chunk])
+            self._claims_new = {}
         if self._claims:
             for c in self._claims:
                 if now >= c[0]:
@@ -1239,12 +1245,16 @@ class SyncNode:
             yield chunk
 
     def claim(self, dead_node: str, dead_epoch: int, keys: Iterable[Key], now: float, copies: int = 3) -> None:
-        """Queue a CLAIM of `keys` of dead_node: sent at the next outgoing() and twice more,
-        `heartbeat` apart (each copy a new datagram with its own seq)."""
-        if not NODE_ID.match(dead_node) or not _is_int(dead_epoch, 0, _U64):
+        """Queue a CLAIM of `keys` of dead_node: sent at the next outgoing() and copies - 1
+        times more, `heartbeat` apart (each copy a new datagram with its own seq). Claims of
+        one dead node queued before the next outgoing() share datagrams."""
+        if not (isinstance(dead_node, str) and NODE_ID.match(dead_node)) or not _is_int(dead_epoch, 0, _U64):
             raise ValueError("bad dead_node or dead_epoch")
-        for chunk in self._key_chunks([list(k) for k in keys]):
-            self._claims.append([now, copies, dead_node, dead_epoch, chunk])
+        if not _is_int(copies, 1, 100):
+            raise ValueError("copies must be 1..100")
+        pending = self._claims_new.setdefault((dead_node, dead_epoch, copies), {})
+        for k in keys:
+            pending[tuple(k)] = None
 
     # --- receive ---------------------------------------------------------------------------
 

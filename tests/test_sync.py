@@ -539,6 +539,15 @@ def test_forget_peer_and_claims_three_times():
                     claims.append((t, ev))
     assert [t for t, _ in claims] == [0.5, 0.52, 0.54]
     assert all(ev == ("claim", "a", 1, "dead", 77, [entry(9).key]) for _, ev in claims)
+    # claims queued together share datagrams: 1000 keys in a few, each sent 3 times
+    for i in range(1000):
+        a.claim("dead", 77, [entry(i).key], 0.7)
+    out = [d for k, d in a.outgoing(0.7) if k == CLAIM]
+    got = set()
+    for d in out:
+        for ev in b.receive(d, 0.7):
+            got.update(ev.keys)
+    assert got == {entry(i).key for i in range(1000)} and 10 <= len(out) <= 20
     # the forgotten peer's entries come back with its next full pages (it is alive after all)
     for d in datagrams(a.outgoing(1.0)):
         b.receive(d, 1.0)
