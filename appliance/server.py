@@ -30,6 +30,7 @@ one line naming it on stderr, writes {"ready": false, "error": ...} and exits wi
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -164,29 +165,94 @@ def _snapshot(tap, mapper, ident: dict, started: float, limit: int, errors: int,
 
 
 def _loop(args, tap, mapper, writer, ident: dict) -> int:
-    stop = []
+    return asyncio.run(_amain(args, tap, mapper, writer, ident))
 
-    def on_signal(signum, frame):
-        stop.append(signum)
 
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+class _SyncProtocol(asyncio.DatagramProtocol):
+    """The support group's UDP socket: every datagram goes to the group node."""
+
+    def __init__(self, group, membership) -> None:
+        self.group, self.membership = group, membership
+        self.errors = 0
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        sender = self.group.receive(data, time.monotonic())
+        if sender is not None:
+            self.membership.heard(sender, addr)
+
+    def error_received(self, exc) -> None:  # e.g. ICMP port unreachable from a dead peer
+        self.errors += 1
+
+
+async def _amain(args, tap, mapper, writer, ident: dict) -> int:
+    """One asyncio loop: the tap's frames, the sync socket, zeroconf and the group's timers."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got = []
+
+    def on_signal(sig):
+        got.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
     started = time.time()
     batch = 1024
     errors = [0]
     limit = max(0, args.status_max_connections)
     wanted = EVENT_SETS[args.events]
+    config = args.group_config
+    group = membership = transport = proto = None
+    advertised = {}  # key -> conn id: what this node advertises to its group
+
+    if config is not None:
+        from .group import GroupNode
+        from .membership import Membership
+
+        group = GroupNode(config, epoch=time.time_ns() // 1000, now=time.monotonic())
+        membership = Membership(config.node.id, config.node.group, config.sync.port, config.node.prefixes,
+                                config.sync.peers, config.sync.zeroconf, config.sync.zeroconf_interfaces,
+                                on_event=lambda kind, fields: writer.event(kind, **fields))
+        try:
+            transport, proto = await loop.create_datagram_endpoint(
+                lambda: _SyncProtocol(group, membership), local_addr=(config.sync.bind, config.sync.port))
+        except OSError as exc:
+            return _fail(f"cannot bind the sync socket {config.sync.bind}:{config.sync.port}: {exc.strerror}",
+                         writer, **ident)
 
     def log(events) -> None:
         for ev in events:
             if wanted is None or ev.kind in wanted:
                 writer.event(ev.kind, **ev.to_dict())
+            if group is not None:
+                _advertise(ev)
+
+    def _advertise(ev) -> None:
+        """Keep the group's copy of this node's stream map current."""
+        from .sync import entry_from_connection
+
+        now = time.monotonic()
+        if ev.kind == "response_start":
+            entry = entry_from_connection(ev.conn)
+            if entry is not None:
+                group.local_add(entry, now)
+                advertised[entry.key] = True
+            else:
+                key = _conn_key(ev.conn)
+                if advertised.pop(key, None):
+                    group.local_remove(key, now)
+        elif ev.kind == "conn_close":
+            key = _conn_key(ev.conn)
+            if advertised.pop(key, None):
+                group.local_remove(key, now)
 
     def snapshot(**extra) -> dict:
-        return _snapshot(tap, mapper, ident, started, limit, errors[0], **extra)
+        snap = _snapshot(tap, mapper, ident, started, limit, errors[0], **extra)
+        if group is not None:
+            snap["group"] = group.snapshot(time.monotonic())
+            snap["membership"] = membership.snapshot()
+            snap["sync_socket_errors"] = proto.errors
+        return snap
 
     def drain() -> None:
         while True:
@@ -203,34 +269,62 @@ def _loop(args, tap, mapper, writer, ident: dict) -> int:
             if len(frames) < batch:
                 return
 
+    def group_tick() -> None:
+        now = time.monotonic()
+        datagrams = group.tick(now)
+        if datagrams:
+            targets = membership.targets()
+            for d in datagrams:
+                for addr in targets:
+                    transport.sendto(d, addr)
+        for kind, fields in group.pop_events():
+            writer.event(kind, **fields)
+        for action in group.pop_actions():
+            writer.event("takeover", dead=action.dead_node, rank=action.rank, key=_key_fields(action.key),
+                         path=getattr(action.entry.object, "path", None))
+
+    loop.add_reader(tap.fileno(), drain)
     try:
+        if membership is not None:
+            await membership.start()
         writer.status(snapshot())  # the capture is active: ready
-        fd = tap.fileno()
         interval = args.status_interval
         next_status = time.monotonic() + interval
-        while not stop:
-            timeout = max(0.0, min(next_status - time.monotonic(), 0.25))
-            try:
-                readable, _, _ = select.select([fd, wake_r], [], [], timeout)
-            except InterruptedError:  # pragma: no cover  (PEP 475 retries; kept for clarity)
-                readable = []
-            if wake_r in readable:
-                try:
-                    wake_r.recv(4096)
-                except BlockingIOError:
-                    pass
-            drain()  # also when select timed out: a retired ring block may not wake select
-            if time.monotonic() >= next_status:
+        next_drain = time.monotonic()
+        tick = config.sync.heartbeat / 4 if config is not None else 0.25
+        while not stop.is_set():
+            now = time.monotonic()
+            if group is not None:
+                group_tick()
+            if now >= next_drain:  # a retired ring block may not wake the reader
+                drain()
+                next_drain = now + 0.25
+            if now >= next_status:
                 log(mapper.expire(time.time()))
                 writer.status(snapshot())
-                next_status = time.monotonic() + interval
+                next_status = now + interval
+            try:
+                await asyncio.wait_for(stop.wait(), tick)
+            except asyncio.TimeoutError:
+                pass
         drain()
-        sig = signal.Signals(stop[0]).name if stop else None
+        sig = signal.Signals(got[0]).name if got else None
         writer.status(snapshot(ready=False, stopped=True, signal=sig, include_closed=True))
         return 0
     finally:
-        signal.set_wakeup_fd(old_wakeup)
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        wake_r.close()
-        wake_w.close()
+        loop.remove_reader(tap.fileno())
+        if membership is not None:
+            await membership.stop()
+        if transport is not None:
+            transport.close()
+
+
+def _conn_key(conn) -> tuple:
+    return (conn.client, conn.client_port, conn.server, conn.server_port)
+
+
+def _key_fields(key) -> dict:
+    cip, cport, sip, sport = key
+    fam = socket.AF_INET if len(cip) == 4 else socket.AF_INET6
+    return {"client": socket.inet_ntop(fam, cip), "client_port": cport, "server": socket.inet_ntop(fam, sip),
+            "server_port": sport}
