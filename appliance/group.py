@@ -55,7 +55,7 @@ class GroupNode:
         return ok
 
     def _update_load(self) -> None:
-        n = len(self.sync.local_entries())
+        n = self.sync.local_count
         self.sync.advertised_load = self.load.update(n / self.config.node.capacity)
 
     # -- the network -----------------------------------------------------------------------------
@@ -69,9 +69,12 @@ class GroupNode:
 
     def receive(self, data, now: float) -> Optional[str]:
         """One datagram; returns the sender's node id when it was valid, else None."""
-        sender = None
-        for ev in self.sync.receive(data, now):
-            sender = ev.sender
+        events = self.sync.receive(data, now)
+        heard = self.sync.heard_from  # (sender, epoch) of a valid datagram, also when it caused no event
+        sender = heard[0] if heard else None
+        if heard and not any(ev.kind in ("heartbeat", "peer_new") for ev in events):
+            self._detector_events(heard[0], self._detector(heard[0]).heard(now, heard[1]), now)
+        for ev in events:
             if ev.kind == "heartbeat":
                 self._detector_events(ev.sender, self._detector(ev.sender).heartbeat(now, ev.epoch), now)
             elif ev.kind == "peer_new":
@@ -152,7 +155,7 @@ class GroupNode:
             peers[peer] = {**det.snapshot(now), "entries": info.get("entries"), "load": info.get("load"),
                            "connections": info.get("connections"), "capacity": info.get("capacity"),
                            "prefixes": info.get("prefixes")}
-        return {"node": self.node, "epoch": self.epoch, "local_entries": len(self.sync.local_entries()),
+        return {"node": self.node, "epoch": self.epoch, "local_entries": self.sync.local_count,
                 "advertised_load": self.sync.advertised_load, "peers": peers, "planner": self.planner.counters(),
                 "sync": self.sync.counters(), "group": dict(self.counters)}
 
