@@ -50,12 +50,16 @@ class ClientAppliance:
         self.started = time.time()
 
     def _punt(self, direction: str, frame: bytearray, vnet_hdr: bytes) -> None:
+        partial = bool(vnet_hdr) and bool(vnet_hdr[0] & bridge_mod.VNET_F_NEEDS_CSUM)
         with self._lock:
-            actions = self.shim.handle(direction, frame, time.monotonic())
+            actions = self.shim.handle(direction, frame, time.monotonic(), partial)
             self._log_events()
-        for out_dir, out_frame, modified in actions:
-            # a frame we changed carries full checksums: nothing is left for offload to do
-            self.bridge.send(out_dir, out_frame, bridge_mod.NO_OFFLOAD if modified or not vnet_hdr else vnet_hdr)
+        self._send(actions, vnet_hdr)
+
+    def _send(self, actions, vnet_hdr: bytes = b"") -> None:
+        for out_dir, out_frame, keep_vnet in actions:
+            # a frame the shim built or fully checksummed leaves nothing for offload to do
+            self.bridge.send(out_dir, out_frame, vnet_hdr if keep_vnet and vnet_hdr else bridge_mod.NO_OFFLOAD)
 
     def _log_events(self) -> None:
         for kind, fields in self.shim.pop_events():
@@ -70,8 +74,10 @@ class ClientAppliance:
 
     def status(self) -> dict:
         with self._lock:
-            self.shim.tick(time.monotonic())
+            actions = self.shim.tick(time.monotonic())
             self._log_events()
+        self._send(actions)
+        with self._lock:
             conns = self.shim.snapshot(limit=STATUS_MAX_CONNECTIONS)
             total = len(self.shim.connections)
             counters = dict(self.shim.counters)

@@ -65,10 +65,11 @@ class Membership:
             self.on_event("peer_learned", {"node": node, "addr": list(addr), "via": "datagram"})
 
     def _zeroconf_peer(self, node: str, addr: tuple, props: dict) -> None:
+        first = node not in self.zeroconf_records
         self.zeroconf_records[node] = props
         self.node_of[addr] = node
-        if node not in self.by_node:
-            self.by_node[node] = addr
+        self.by_node.setdefault(node, addr)
+        if first:  # also when its own datagrams told us about it first
             self.on_event("peer_discovered", {"node": node, "addr": list(addr), "via": "zeroconf",
                                               "prefixes": props.get("prefixes")})
 

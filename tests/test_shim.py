@@ -24,7 +24,8 @@ def shim():
 
 def handshake(shim, c=C_IP, s=S_IP, cport=40000, isn=0xFFFFFF00, server_isn=7):
     syn = frame(c, s, cport, 80, isn, flags=fp.SYN, options=LINUX_SYN)
-    [(d, out, modified)] = shim.handle(OUT, syn, 1.0)
+    [(d, out, keep_vnet)] = shim.handle(OUT, syn, 1.0)
+    modified = not keep_vnet
     synack = frame(s, c, 80, cport, server_isn, isn + 1, fp.SYN | fp.ACK,
                    fp.opt_mss(1400) + fp.opt_sack_permitted() + fp.opt_timestamps(5000, 1000) + b"\x01"
                    + fp.opt_wscale(9))
@@ -82,7 +83,8 @@ def test_syn_without_room_passes_unchanged(shim):
         + b"\x01\x01" + fp.opt_sack([(1, 2), (3, 4)])[:18]  # 40 bytes of options: no room
     syn = frame(C_IP, S_IP, 40002, 80, 5, flags=fp.SYN, options=full[:40])
     assert fp.parse(syn).tcp_hdr_len == 60
-    [(_, out, modified)] = shim.handle(OUT, bytearray(syn), 1.0)
+    [(_, out, keep_vnet)] = shim.handle(OUT, bytearray(syn), 1.0)
+    modified = not keep_vnet
     assert not modified and out == syn
     assert shim.counters["syns_no_room"] == 1
     [conn] = shim.connections.values()
@@ -92,7 +94,8 @@ def test_syn_without_room_passes_unchanged(shim):
 def test_syn_already_permitted_is_not_tagged_twice(shim):
     syn = frame(C_IP, S_IP, 40003, 80, 5, flags=fp.SYN, options=fp.opt_mss(1460) + fp.aligned_option(
         fp.opt_migrate_permitted()))
-    [(_, out, modified)] = shim.handle(OUT, bytearray(syn), 1.0)
+    [(_, out, keep_vnet)] = shim.handle(OUT, bytearray(syn), 1.0)
+    modified = not keep_vnet
     assert not modified and out == syn
     assert list(shim.connections.values())[0].migrate_permitted
 
@@ -105,16 +108,29 @@ def test_known_connections_punt_syn_and_rst_only(shim):
     assert shim.table.classify(frame(S_IP, C_IP, 80, 40000, 8, 1, fp.RST | fp.ACK), 3.0) == fp.PYTHON
 
 
-def test_rst_closes_and_linger_forgets(shim):
+def test_server_rst_is_held_then_released_and_linger_forgets(shim):
+    """MIGRATE-WAIT: a RST from the server reaches the client only if no migrate comes in time."""
+    from appliance.shim import MIGRATE_WAIT
     handshake(shim)
-    shim.handle(IN, frame(S_IP, C_IP, 80, 40000, 8, 0xFFFFFF01, fp.RST | fp.ACK), 3.0)
+    rst = frame(S_IP, C_IP, 80, 40000, 8, 0xFFFFFF01, fp.RST | fp.ACK)
+    assert shim.handle(IN, rst, 3.0) == []
     [conn] = shim.connections.values()
+    assert conn.state == "established" and shim.counters["rsts_held"] == 1
+    assert shim.tick(3.0 + MIGRATE_WAIT / 2) == []
+    [(d, out, _)] = shim.tick(3.0 + MIGRATE_WAIT + 0.1)
+    assert d == IN and out == rst
     assert conn.state == "closed" and conn.closed_by == "server"
-    shim.tick(3.0 + CLOSED_LINGER / 2)
-    assert len(shim.connections) == 1
-    shim.tick(3.0 + CLOSED_LINGER * 2)
+    shim.tick(3.0 + MIGRATE_WAIT + CLOSED_LINGER * 2)
     assert not shim.connections
     assert shim.table.get(C_IP, 40000, S_IP, 80) is None and len(shim.table) == 0
+
+
+def test_client_rst_passes_and_closes(shim):
+    handshake(shim)
+    rst = frame(C_IP, S_IP, 40000, 80, 0xFFFFFF01, 8, fp.RST | fp.ACK)
+    [(d, out, keep)] = shim.handle(OUT, rst, 3.0)
+    assert d == OUT and out == rst and keep
+    assert list(shim.connections.values())[0].closed_by == "client"
 
 
 def test_fin_both_ways_closes(shim):
@@ -134,8 +150,8 @@ def test_ipv6_connection(shim):
 
 def test_non_tcp_and_malformed_frames_pass_through(shim):
     junk = bytearray(b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + b"\x45\x00\x00")  # truncated IPv4
-    [(d, out, modified)] = shim.handle(OUT, junk, 1.0)
-    assert (d, out, modified) == (OUT, junk, False)
+    [(d, out, keep_vnet)] = shim.handle(OUT, junk, 1.0)
+    assert (d, out, keep_vnet) == (OUT, junk, True)
     assert shim.counters["malformed"] == 1
 
 
