@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--no-tag", action="store_true", help="do not add Migrate-Permitted to client SYNs")
     p.add_argument("--batch", type=int, default=64, help="frames per recvmmsg/sendmmsg")
     p.add_argument("--status-interval", type=float, default=0.5, help="seconds between status snapshots")
+    p.add_argument("--control", default=None, metavar="PATH",
+                   help="the control socket (default <state-dir>/client-<node>.sock; 'none' for no socket)")
     p.set_defaults(func=run)
 
 
@@ -86,6 +88,31 @@ class ClientAppliance:
                 "connections_omitted": total - len(conns), "started": self.started}
 
 
+class _ControlThread:
+    """The control socket on an event loop of its own (the appliance itself runs threads)."""
+
+    def __init__(self, path, handlers) -> None:
+        import asyncio
+
+        from .control import ControlServer
+        self.loop = asyncio.new_event_loop()
+        self.server = ControlServer(path, handlers)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="control", daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
+
+    def publish(self, event: dict) -> None:
+        self.loop.call_soon_threadsafe(self.server.publish, event)
+
+    def stop(self) -> None:
+        import asyncio
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(3)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(3)
+
+
 def run(args) -> int:
     if os.geteuid() != 0:
         print("appliance client: needs root (CAP_NET_RAW for AF_PACKET sockets)", file=sys.stderr)
@@ -100,6 +127,12 @@ def run(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    control = None
+    if args.control != "none":
+        from .control import socket_path
+        control = _ControlThread(args.control or socket_path(args.state_dir, "client", args.node),
+                                 {"status": lambda req: app.status()})
+        writer.listeners.append(control.publish)
     app.start()
     writer.event("started", client_if=args.client_if, net_if=args.net_if, forwarder=app.bridge.kind)
     try:
@@ -108,6 +141,8 @@ def run(args) -> int:
             if stop.wait(args.status_interval):
                 break
     finally:
+        if control is not None:
+            control.stop()
         app.stop()
         final = app.status()
         final["ready"] = False

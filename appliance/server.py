@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--state-dir", required=True, help="where status and event files go")
     p.add_argument("--pcap-out", default=None, help="also write every captured frame to this pcap file")
     p.add_argument("--status-interval", type=float, default=0.5, help="seconds between status snapshots")
+    p.add_argument("--control", default=None, metavar="PATH",
+                   help="the control socket (default <state-dir>/server-<node>.sock; 'none' for no socket)")
     p.add_argument("--events", choices=EVENT_SETS, default="responses",
                    help="which mapper events go to the event log: all (conn_open, request, response_start, "
                         "conn_close), responses (response_start, which carries the request and the handshake, "
@@ -124,7 +126,7 @@ def run(args) -> int:
         writer = StatusWriter(args.state_dir, "server", args.node)
     except OSError as exc:
         return _fail(f"cannot write to state dir {args.state_dir}: {exc.strerror or exc}")
-    ident = {"node": args.node, "iface": args.iface, "ports": ports}
+    ident = {"role": "server", "node": args.node, "iface": args.iface, "ports": ports}
     try:
         try:
             if args.capture == "socket":
@@ -283,6 +285,14 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
             writer.event("takeover", dead=action.dead_node, rank=action.rank, key=_key_fields(action.key),
                          path=getattr(action.entry.object, "path", None))
 
+    control = None
+    if args.control != "none":
+        from .control import ControlServer, socket_path
+
+        path = args.control or socket_path(args.state_dir, "server", args.node)
+        control = ControlServer(path, {"status": lambda req: snapshot()})
+        await control.start()
+        writer.listeners.append(control.publish)
     loop.add_reader(tap.fileno(), drain)
     try:
         if membership is not None:
@@ -313,6 +323,8 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
         return 0
     finally:
         loop.remove_reader(tap.fileno())
+        if control is not None:
+            await control.stop()
         if membership is not None:
             await membership.stop()
         if transport is not None:

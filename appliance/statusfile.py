@@ -31,6 +31,7 @@ class StatusWriter:
         self.status_file = status_path(state_dir, role, node)
         self.events_file = events_path(state_dir, role, node)
         self._events = open(self.events_file, "a", buffering=1)
+        self.listeners: list = []  # callables given each event dict (the control socket's stream)
 
     def status(self, snapshot: dict) -> None:
         tmp = self.status_file.with_name(self.status_file.name + ".tmp")
@@ -38,7 +39,10 @@ class StatusWriter:
         os.replace(tmp, self.status_file)
 
     def event(self, kind: str, **fields) -> None:
-        self._events.write(json.dumps({"t": time.time(), "event": kind, **fields}, default=_jsonable) + "\n")
+        ev = {"t": time.time(), "event": kind, **fields}
+        self._events.write(json.dumps(ev, default=_jsonable) + "\n")
+        for listener in self.listeners:
+            listener(ev)
 
     def close(self) -> None:
         self._events.close()
