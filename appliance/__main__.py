@@ -10,7 +10,7 @@ from . import __version__
 
 # Each module defines register(subparsers), adding its sub-command with set_defaults(func=...);
 # func(args) returns the exit status.
-COMMAND_MODULES = ("appliance.demo", "appliance.lab", "appliance.client", "appliance.server", "appliance.control")
+COMMAND_MODULES = ("appliance.demo", "appliance.lab", "appliance.client", "appliance.server", "appliance.control", "appliance.top")
 
 
 def build_parser() -> argparse.ArgumentParser:
