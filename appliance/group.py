@@ -37,6 +37,7 @@ class GroupNode:
         self.load = LoadAdvertiser()
         self.planner = TakeoverPlanner(n.id, stagger=h.stagger)
         self.detectors: dict = {}
+        self.draining_peers: set = set()  # peers that advertise no capacity: theirs are to take
         self._actions: list = []
         self._events: list = []
         self.started = now
@@ -77,6 +78,7 @@ class GroupNode:
         for ev in events:
             if ev.kind == "heartbeat":
                 self._detector_events(ev.sender, self._detector(ev.sender).heartbeat(now, ev.epoch), now)
+                self._drain_check(ev.sender, ev.capacity, now)
             elif ev.kind == "peer_new":
                 self._events.append(("peer_new", {"node": ev.sender, "epoch": ev.epoch}))
                 self._detector_events(ev.sender, self._detector(ev.sender).heard(now, ev.epoch), now)
@@ -92,6 +94,21 @@ class GroupNode:
                     self._events.append(("race", {"dead": race.dead_node, "other": race.other,
                                                   "key": _key_text(race.key)}))
         return sender
+
+    def drain(self, on: bool = True) -> None:
+        """Ask the group to take this node's connections over (planned: this node stays up)."""
+        self.sync.draining = on
+
+    def _drain_check(self, peer: str, capacity: int, now: float) -> None:
+        if capacity == 0 and peer not in self.draining_peers:
+            self.draining_peers.add(peer)
+            entries = self.sync.peer_entries(peer)
+            self._events.append(("peer_draining", {"node": peer, "connections": len(entries)}))
+            self.planner.peer_dead(peer, self.detectors[peer].epoch, entries, self.members(), now)
+        elif capacity > 0 and peer in self.draining_peers:
+            self.draining_peers.discard(peer)
+            self.planner.peer_alive_again(peer)
+            self._events.append(("peer_drain_over", {"node": peer}))
 
     def tick(self, now: float) -> list:
         """Run the detectors and the planner; the datagrams due now (to every peer)."""
@@ -129,11 +146,11 @@ class GroupNode:
     def members(self) -> dict:
         """Every member as the planner sees it: this node, and each peer we have heard."""
         out = {self.node: MemberInfo(load=self.sync.advertised_load, prefixes=tuple(self.config.node.prefixes),
-                                     alive=True)}
+                                     alive=not self.sync.draining)}
         for peer, det in self.detectors.items():
             info = self.sync.peer_info(peer) or {}
             out[peer] = MemberInfo(load=info.get("load") or 0.0, prefixes=tuple(info.get("prefixes") or ("/",)),
-                                   alive=det.state != DEAD)
+                                   alive=det.state != DEAD and peer not in self.draining_peers)
         return out
 
     def peer_state(self, peer: str) -> Optional[str]:

@@ -790,6 +790,7 @@ class SyncNode:
         if not _is_int(sync_port, 0, 65535):
             raise ValueError("sync_port must be 0..65535")
         self.node, self.group, self.epoch = node, group, epoch
+        self.draining = False
         self.key = _key_bytes(key)
         self.insecure = self.key is None
         self.refresh, self.heartbeat, self.expire_periods = float(refresh), float(heartbeat), expire_periods
@@ -1110,7 +1111,8 @@ class SyncNode:
 
     def heartbeat_body(self) -> list:
         n = len(self._local) if self._connections is None else self._connections
-        return [self.advertised_load, n, self.capacity, self.prefixes, self.sync_port]
+        # a draining node offers no capacity: its peers take its connections over while it lives
+        return [self.advertised_load, n, 0 if self.draining else self.capacity, self.prefixes, self.sync_port]
 
     @property
     def advertised_load(self) -> float:

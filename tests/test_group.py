@@ -210,3 +210,16 @@ def test_forged_replayed_garbled_datagrams_rejected_and_counted():
     assert grew["mac"] >= 30 and grew["replay"] >= 29 and grew["oversize"] == 1 and grew["version"] >= 1
     assert entry(999, 1).key not in b.sync.peer_entries("a")  # nothing forged got in
     assert len(b.sync.peer_entries("a")) == 20
+
+
+def test_drain_hands_every_connection_to_the_others_and_never_to_the_drainer():
+    g = Group("abcd", seed=11)
+    for i in range(200):
+        g.nodes["a"].local_add(entry(i, 1), g.t)
+    g.run(1.5)
+    g.nodes["a"].drain()
+    g.run(0.3)
+    taken = [a.key for name in "bcd" for _, a in g.actions[name]]
+    assert len(taken) == 200 and len(set(taken)) == 200 and not g.actions["a"]
+    assert all("a" in g.nodes[n].draining_peers for n in "bcd")
+    assert all(g.nodes[n].counters["deaths"] == 0 for n in "bcd")  # a is alive throughout
