@@ -898,9 +898,19 @@ http {{
 """)
         return conf
 
-    def _start_http_servers(self) -> None:
+    def revive_replica(self, replica: str, appliance: bool = True) -> None:
+        """Bring a killed replica back: links up, its HTTP server and (by default) its server
+        appliance started again (a new epoch: its peers see a restart)."""
+        self._ip_batch(replica, ["link set eth0 up", "link set sync0 up"])
+        self._wait_links_up([replica])
+        self._start_http_servers([replica])
+        if appliance and self.appliances:
+            self.start_server_appliance(replica)
+        self._save()
+
+    def _start_http_servers(self, replicas=None) -> None:
         labels = []
-        for rep in self.replicas:
+        for rep in (replicas or self.replicas):
             if self.server == "nginx":
                 conf = self._nginx_conf(rep)
                 argv = [NGINX, "-c", conf, "-p", self.lab_dir / f"nginx-{rep}", "-e",
