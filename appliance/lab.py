@@ -901,7 +901,9 @@ http {{
     def revive_replica(self, replica: str, appliance: bool = True) -> None:
         """Bring a killed replica back: links up, its HTTP server and (by default) its server
         appliance started again (a new epoch: its peers see a restart)."""
+        i = self.replica_index(replica)
         self._ip_batch(replica, ["link set eth0 up", "link set sync0 up"])
+        self._ip_batch(replica, [f"route replace default via 10.70.{i}.1"])  # link down dropped it
         self._wait_links_up([replica])
         self._start_http_servers([replica])
         if appliance and self.appliances:

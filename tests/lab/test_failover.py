@@ -234,6 +234,7 @@ def test_restarted_replica_rst_is_held_and_the_migration_succeeds(netns_ok):
         lab.kill_replica("a")
         lab.run("a", ["ss", "-K", "dst", lab.ip("c1")], check=False)
         lab.run("a", ["ip", "link", "set", "eth0", "up"])
+        lab.run("a", ["ip", "route", "replace", "default", "via", "10.70.1.1"])
         code, err = dl.wait()
         assert code == 0, err
         assert sha256_file(dl.outs[0]) == digest
