@@ -151,10 +151,13 @@ class Collector:
                                                       role=role, node=node, polls=src.polls + 1)
             if was_down:
                 self._top_event(t, "top_reachable", source=name)
-            if role == "client":
-                self._ingest_client(answer, t)
-            elif role == "server":
-                self._ingest_server(node, answer)
+            try:  # derived state (rates, the object cache): an odd snapshot must not stop the poller
+                if role == "client":
+                    self._ingest_client(answer, t)
+                elif role == "server":
+                    self._ingest_server(node, answer)
+            except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+                pass
             self._dirty = True
 
     def ingest_error(self, name: str, message: str, t: Optional[float] = None) -> None:
@@ -182,7 +185,10 @@ class Collector:
             self._events.append((name, ev))
             if ev.get("event") == "response_start":
                 src = self._sources.get(name)
-                self._remember_object(ev, src.node if src else None)
+                try:
+                    self._remember_object(ev, src.node if src else None)
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    pass
             self._dirty = True
 
     def set_events_connected(self, name: str, connected: bool) -> None:
@@ -647,6 +653,8 @@ def connection_view(state: State) -> tuple:
         kind = ev.get("event")
         if kind == "takeover" and isinstance(ev.get("key"), dict):
             claims[_ep(ev["key"])] = (src, ev)
+        elif takeover_step(ev) is not None:
+            claims[f"{ev.get('client')}:{ev.get('client_port')}"] = (src, ev)
         elif kind in ("migrated", "migrate_accepted") and ev.get("client") is not None:
             migrated[_ep(ev["client"])] = ev
     rows = []
@@ -689,13 +697,15 @@ def connection_view(state: State) -> tuple:
                    "state": c.get("state"), "closed_by": c.get("closed_by"), "rate": rate,
                    "servers": [_name(state, s) for s in c.get("servers") or []],
                    "migrating_to": _name(state, c["migrating_to"]) if c.get("migrating_to") else None,
-                   "rst_held": c.get("rst_held"), "claim": None, "opened": c.get("opened")}
+                   "rst_held": c.get("rst_held"), "claim": None, "claim_phase": None, "opened": c.get("opened")}
             claim = claims.get(key)
             if claim is not None:
                 src, ev = claim
                 mig = migrated.get(key)
                 if mig is None or _num(mig.get("t")) < _num(ev.get("t")):
                     row["claim"] = src.split("-", 1)[-1]
+                    step = takeover_step(ev)
+                    row["claim_phase"] = TAKEOVER_PHASES[step] if step else None
             rows.append(row)
         source = "client"
     else:
@@ -707,7 +717,8 @@ def connection_view(state: State) -> tuple:
                              "length": obj.get("content_length"), "length_known": obj.get("content_length") is not None,
                              "owner": s.node, "owner_state": states.get(s.node), "migrations": None,
                              "state": c.get("state"), "closed_by": c.get("closed_by"), "rate": None, "servers": [],
-                             "migrating_to": None, "rst_held": None, "claim": None, "opened": c.get("opened_at")})
+                             "migrating_to": None, "rst_held": None, "claim": None, "claim_phase": None,
+                             "opened": c.get("opened_at")})
         source = "servers"
     order = {"migrating": 0, "established": 1, "syn_sent": 2}
     rows.sort(key=lambda r: (order.get(r["state"], 3), -_num(r.get("opened"))))
@@ -715,6 +726,21 @@ def connection_view(state: State) -> tuple:
 
 
 # --- the event log --------------------------------------------------------------------------------
+
+# the takeover engine's steps (appliance.takeover), as the server appliance logs them; the kind
+# may come bare or prefixed with "takeover_"
+TAKEOVER_PHASES = {"migrate_syn_sent": "Migrate SYN sent", "synack": "SYN/ACK", "repaired": "repaired",
+                   "resumed": "resumed", "first_byte": "sending", "body_sent": "body sent", "done": "done",
+                   "refused": "refused", "failed": "failed"}
+
+
+def takeover_step(ev: dict) -> Optional[str]:
+    """The takeover step an event reports (bare kind), or None."""
+    k = ev.get("event") or ""
+    k = k[len("takeover_"):] if k.startswith("takeover_") else k
+    if k in TAKEOVER_PHASES and ev.get("client_port") is not None:
+        return k
+    return None
 
 EVENT_STYLE = {
     "peer_dead": "bold red", "top_unreachable": "bold red", "migrate_rejected": "bold red", "race": "red",
@@ -724,8 +750,11 @@ EVENT_STYLE = {
     "peer_alive": "green", "peer_new": "green", "top_reachable": "green",
     "peer_discovered": "dim", "peer_learned": "dim", "zeroconf_registered": "dim", "conn_open": "dim",
     "conn_established": "dim", "response_start": "dim", "conn_close": "dim", "conn_forgotten": "dim",
-    "started": "dim", "stopped": "dim", "request": "dim",
+    "started": "dim", "stopped": "dim", "request": "dim", "peer_draining": "yellow", "peer_drain_over": "green",
 }
+TAKEOVER_STYLE = {"migrate_syn_sent": "cyan", "synack": "cyan", "repaired": "cyan", "resumed": "bold green",
+                  "first_byte": "green", "body_sent": "green", "done": "green", "refused": "bold red",
+                  "failed": "bold red"}
 _HIDDEN_FIELDS = {"t", "event", "ts"}
 
 
@@ -747,6 +776,35 @@ def _resume_text(state: State, client_key: str, ack) -> str:
     return f"resume at server seq {ack}"
 
 
+def _describe_takeover(step: str, ev: dict) -> str:
+    g = ev.get
+    who = f"{g('client')}:{g('client_port')}"
+    ms = g("since_start_ms") if g("since_start_ms") is not None else g("ms")
+    at = f" at +{_num(ms):.1f} ms" if ms is not None else ""
+    if step == "migrate_syn_sent":
+        return f"Migrate SYN #{g('attempt') or 1} sent to {who} (reqno {g('reqno')}){at}"
+    if step == "synack":
+        rtt = f", rtt {g('rtt_ms')} ms" if g("rtt_ms") is not None else ""
+        return f"SYN/ACK from {who}'s appliance: seq {g('seq')} ack {g('ack')}{rtt}{at}"
+    if step == "repaired":
+        rep = f" in {g('repair_ms')} ms" if g("repair_ms") is not None else ""
+        return f"socket for {who} repaired{rep} (plan {g('plan')}){at}"
+    if step == "resumed":
+        left = f", {fmt_bytes(g('bytes_left'))} left" if g("bytes_left") is not None else ""
+        off = g("offset")
+        return f"{who} RESUMED at byte {off:,}{left} ({g('mode')}){at}" if isinstance(off, int) else \
+            f"{who} resumed ({g('mode')}){left}{at}"
+    if step == "first_byte":
+        return f"first byte to {who}{at}"
+    if step == "body_sent":
+        return f"rest of the body to {who} sent: {fmt_bytes(g('bytes'))} in {g('seconds')} s"
+    if step == "done":
+        return f"takeover of {who} done: {fmt_bytes(g('bytes'))} in {g('seconds')} s ({g('end')})"
+    if step == "refused":
+        return f"takeover of {who} REFUSED: {g('reason')}"
+    return f"takeover of {who} FAILED: {g('reason')}{at}"
+
+
 def describe_event(state: State, src: str, ev: dict) -> str:
     """One event as a line of the log (what it carries, in words)."""
     k = ev.get("event")
@@ -756,6 +814,10 @@ def describe_event(state: State, src: str, ev: dict) -> str:
         if k == "peer_dead":
             return (f"peer {g('node')} DEAD after {g('silence_ms')} ms of silence "
                     f"({_plural(g('connections'), 'connection')})")
+        if k == "peer_draining":
+            return f"peer {g('node')} draining ({_plural(g('connections'), 'connection')} to move)"
+        if k == "peer_drain_over":
+            return f"peer {g('node')} no longer draining"
         if k == "peer_suspect":
             return f"peer {g('node')} suspect"
         if k == "peer_alive":
@@ -814,6 +876,9 @@ def describe_event(state: State, src: str, ev: dict) -> str:
         if k == "conn_close":
             return (f"close {g('client')}:{g('client_port')} ({g('close_reason') or g('state')}, by "
                     f"{g('closed_by')}, {g('responses_total')} responses)")
+        step = takeover_step(ev)
+        if step is not None:
+            return _describe_takeover(step, ev)
         if k == "top_unreachable":
             return f"{g('source')} UNREACHABLE: {g('error')}"
         if k == "top_reachable":
@@ -941,7 +1006,9 @@ def render_connections(state: State, width: int, rows_avail: int, unicode: bool 
     inner = max(10, width - 4)
     bar_w = 24 if inner >= 140 else 16 if inner >= 110 else 10 if inner >= 76 else 6 if inner >= 60 else 0
     specs = [("client", 15, 0), ("object", 10, 2), ("progress", bar_w + 7, 0), ("acked", 19, 4),
-             ("owner", 7, 0), ("migr", 4, 1), ("state", 11, 3), ("rate", 10, 4), ("servers", 9, 5)]
+             ("owner", 7, 0), ("migr", 4, 1), ("state", 11, 3), ("rate", 10, 5), ("servers", 9, 3)]
+    if not any(r.get("migrations") for r in rows):  # the servers a connection has been on: once one moved
+        specs = [s for s in specs if s[0] != "servers"]
     if source != "client":
         specs = [s for s in specs if s[0] not in ("migr", "rate", "servers", "acked")]
         specs = [("length" if s[0] == "progress" else s[0], 10 if s[0] == "progress" else s[1], s[2])
@@ -991,6 +1058,8 @@ def render_connections(state: State, width: int, rows_avail: int, unicode: bool 
                 elif r["claim"] and r["claim"] != r["owner"]:
                     t.append(" → " if unicode else " -> ", style="magenta")
                     t.append(f"{r['claim']}?", style="magenta")
+                    if r["claim_phase"]:
+                        t.append(f" ({r['claim_phase']})", style="magenta")
                 cells.append(t)
             elif k == "migr":
                 m = r["migrations"]
@@ -1080,39 +1149,61 @@ def render_fastpath(state: State, width: int, unicode: bool = True) -> Panel:
         table.add_row(*cells)
     tb, sh = snap.get("table") or {}, snap.get("shim") or {}
     rejected = sum(int(_num(v)) for k, v in sh.items() if k.startswith("migrate_rejected_"))
-    summary = Text(overflow="ellipsis", no_wrap=True)
-    summary.append("table ", style="bold")
-    summary.append(f"{fmt_count(tb.get('frames', 0))} frames, {fmt_count(tb.get('rewritten', 0))} rewritten, "
-                   f"{fmt_count(tb.get('to_python', 0))} to Python, {fmt_count(tb.get('dropped', 0))} dropped, "
-                   f"{fmt_count(tb.get('malformed', 0))} malformed  ")
-    summary.append("shim ", style="bold")
-    summary.append(f"{fmt_count(sh.get('syns_tagged', 0))} SYNs tagged, {fmt_count(sh.get('migrate_syns', 0))} "
-                   f"Migrate SYNs, ")
-    summary.append(f"{fmt_count(sh.get('migrations', 0))} migrations", style="bold cyan" if sh.get("migrations") else "")
-    summary.append(", ")
-    summary.append(f"{rejected} rejected", style="bold red" if rejected else "")
-    summary.append(f", {fmt_count(_num(sh.get('lock_dropped_client')) + _num(sh.get('lock_dropped_rst')))} "
-                   f"dropped in lock, {fmt_count(sh.get('rsts_held', 0))} RSTs held")
+    line1 = Text(overflow="ellipsis", no_wrap=True)
+    line1.append("table ", style="bold")
+    line1.append(f"{fmt_count(tb.get('frames', 0))} frames, {fmt_count(tb.get('rewritten', 0))} rewritten, "
+                 f"{fmt_count(tb.get('to_python', 0))} to Python, {fmt_count(tb.get('dropped', 0))} dropped, "
+                 f"{fmt_count(tb.get('malformed', 0))} malformed")
+    line2 = Text(overflow="ellipsis", no_wrap=True)
+    line2.append("shim ", style="bold")
+    migrations = int(_num(sh.get("migrations")))
+    line2.append(f"{_plural(migrations, 'migration')}", style="bold cyan" if migrations else "")
+    line2.append(f", {_plural(int(_num(sh.get('migrate_syns'))), 'Migrate SYN')}, ")
+    line2.append(f"{rejected} rejected", style="bold red" if rejected else "")
+    line2.append(f", {fmt_count(_num(sh.get('lock_dropped_client')) + _num(sh.get('lock_dropped_rst')))} "
+                 f"dropped in lock, {fmt_count(sh.get('rsts_held', 0))} RSTs held, "
+                 f"{fmt_count(sh.get('syns_tagged', 0))} SYNs tagged")
+    summary = Group(line1, line2)
     title = f"fast path (client appliance {client.node}, build {snap.get('build', '?')}, {bridge.get('kind') or '?'} forwarder)"
     return Panel(Group(table, summary), title=Text(title, style="bold"), title_align="left", box=box.ROUNDED,
                  padding=(0, 1))
 
 
+def event_lines(state: State, limit: int) -> list:
+    """The newest `limit` log lines: (t, source, text, style, count), oldest first; consecutive
+    identical lines from one source (a CLAIM is sent three times) are one line with a count."""
+    out = []
+    for src, ev in reversed(state.events):
+        if len(out) > limit:
+            break
+        step = takeover_step(ev)
+        style = TAKEOVER_STYLE[step] if step else EVENT_STYLE.get(ev.get("event"), "")
+        text = describe_event(state, src, ev)
+        if out and out[-1][1] == src and out[-1][2] == text:
+            t0, _, _, _, n = out[-1]
+            out[-1] = (_num(ev.get("t")), src, text, style, n + 1)  # the first of the run keeps its time
+            continue
+        out.append((_num(ev.get("t")), src, text, style, 1))
+    return list(reversed(out[:limit]))
+
+
 def render_events(state: State, width: int, rows_avail: int) -> Panel:
     inner = max(10, width - 4)
-    evs = state.events[-rows_avail:] if rows_avail > 0 else ()
+    lines = event_lines(state, rows_avail) if rows_avail > 0 else []
     grid = Table.grid(padding=(0, 1), expand=True)
     show_time = inner >= 50
     if show_time:
         grid.add_column(no_wrap=True, width=12, style="dim")
     grid.add_column(no_wrap=True, width=4, style="bold")
     grid.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
-    for src, ev in evs:
-        style = EVENT_STYLE.get(ev.get("event"), "")
-        cells = [Text(fmt_time(ev.get("t")))] if show_time else []
-        cells += [Text(_short(src)[:4]), Text(describe_event(state, src, ev), style=style)]
+    for t, src, text, style, count in lines:
+        msg = Text(text, style=style)
+        if count > 1:
+            msg.append(f" ×{count}", style="bold")
+        cells = [Text(fmt_time(t))] if show_time else []
+        cells += [Text(_short(src)[:4]), msg]
         grid.add_row(*cells)
-    if not evs:
+    if not lines:
         grid.add_row(*([Text("")] if show_time else []), Text(""), Text("no events yet", style="dim"))
     return Panel(grid, title=Text(f"events ({len(state.events)})", style="bold"), title_align="left",
                  box=box.ROUNDED, padding=(0, 1))
@@ -1190,7 +1281,7 @@ def _render(state: State, width: int, height: int, unicode: bool):
     n_conns = len(connection_view(state)[0])
     # blocks: [name, minimum lines, wanted lines], in priority order (borders 2 lines, table headers 1)
     group_lo, group_want = 4, n_nodes + 3 + (0 if n_nodes else 1)
-    fast_lo = fast_want = 3 if client is None or client.live is None else 6
+    fast_lo = fast_want = 3 if client is None or client.live is None else 7
     side = width >= 150 and bool(servers) and client is not None
     blocks = []
     unknown = sum(1 for s in state.sources if s.role is None)

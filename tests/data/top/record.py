@@ -48,7 +48,8 @@ class RecordingCollector(Collector):
         super().ingest_error(name, message, t)
 
     def ingest_event(self, name, ev):
-        self.log["events"].setdefault(name, []).append(ev)
+        if isinstance(ev, dict) and "event" in ev:  # not the stream's {"ok": true} greeting
+            self.log["events"].setdefault(name, []).append(ev)
         super().ingest_event(name, ev)
 
 

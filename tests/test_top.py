@@ -1,0 +1,536 @@
+"""`appliance top`: recorded snapshots rendered into fixed-size consoles, the collector against
+a real control socket, and the command's --once.
+
+tests/data/top/failover.json was recorded from a real lab by tests/data/top/record.py: three
+server appliances and the client appliance polled every 0.5 s while c1 downloads /obj-100m from
+a through a 40 mbit link, a killed 3 s in, 3 s more. The migration scenario below is that
+recording with what the client appliance and the takeover engine report when the takeover
+completes (events of the kinds and fields appliance/shim.py and appliance/takeover.py emit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from appliance import top
+from appliance.control import ControlServer
+from appliance.top import Collector, collector_from_recording, render
+
+DATA = Path(__file__).parent / "data" / "top"
+SIZES = [(120, 40), (80, 24), (40, 12)]
+
+
+@pytest.fixture(scope="module")
+def rec():
+    return json.loads((DATA / "failover.json").read_text())
+
+
+def screen(state, width, height, unicode=True) -> str:
+    console = Console(record=True, width=width, height=height, file=io.StringIO(), color_system=None)
+    console.print(render(state, width, height, unicode))
+    text = console.export_text()
+    assert "render error" not in text, text
+    lines = text.splitlines()
+    assert len(lines) == height, (len(lines), text)
+    assert all(len(line) <= width for line in lines), text
+    return text
+
+
+def before_kill(rec):
+    return collector_from_recording(rec, until=rec["killed"] - 0.001).state
+
+
+def after_kill(rec):
+    return collector_from_recording(rec).state
+
+
+def client_conn(rec, sample):
+    return sample["snapshots"]["client-ca"]["connections"][0]
+
+
+def expected_progress(rec, until):
+    """The percentage the recording implies at `until`: client ACK - body start over Content-Length."""
+    samples = [s for s in rec["samples"] if s["t"] <= until]
+    conn = client_conn(rec, samples[-1])
+    resp = None
+    for s in samples:
+        for c in s["snapshots"].get("server-a", {}).get("connections") or []:
+            if c["client_port"] == conn["client"][1]:
+                resp = c["requests"][0]["response"]
+    assert resp is not None
+    acked = (conn["client_to_server"]["ack"] - resp["body_start"]) & 0xFFFFFFFF
+    return 100 * acked / resp["content_length"], conn
+
+
+# --- the recording, before and after the kill ----------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_steady_download(rec, size):
+    w, h = size
+    text = screen(before_kill(rec), w, h)
+    pct, conn = expected_progress(rec, rec["killed"] - 0.001)
+    assert f"{pct:.1f}%" in text  # the progress of the live download
+    assert f"{conn['client'][0]}:{conn['client'][1]}"[:15] in text
+    assert "DEAD" not in text and "unreachable" not in text
+    for node in "abc":
+        assert any(line.split()[1:2] == [node] for line in text.splitlines() if line.startswith("│")), node
+    if w >= 80:
+        assert "alive" in text and "support group" in text
+        assert "/obj-100m" in text
+        assert "established" in text
+    if h >= 24:
+        assert "fast path" in text and "frames/s" in text
+        assert any(ch in text for ch in "▁▂▃▄▅▆▇█")  # the sparklines
+        assert "events" in text
+
+
+def test_steady_download_details_at_120x40(rec):
+    text = screen(before_kill(rec), 120, 40)
+    lines = text.splitlines()
+    row = next(line for line in lines if "/obj-100m" in line and "%" in line)
+    assert " a " in row and "established" in row and " 0 " in row  # owner a, no migration yet
+    assert "MiB/100.0 MiB" in row
+    assert "client appliance ca's view" in text
+    assert "open 10.70.0.11" in text and "tagged Migrate-Permitted" in text
+    assert "GET /obj-100m -> 200 100.0 MiB" in text
+    net_in = next(line for line in lines if "net → client" in line)
+    assert "MiB/s" in net_in  # a 40 mbit download: MiB per second toward the client
+    assert "table " in text and "to Python" in text and "SYNs tagged" in text
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_after_kill(rec, size):
+    w, h = size
+    text = screen(after_kill(rec), w, h)
+    row_a = next(line for line in text.splitlines() if line.startswith("│ a "))
+    assert "DEAD" in row_a and "unreachable" in row_a
+    for node in "bc":
+        row = next(line for line in text.splitlines() if line.startswith(f"│ {node} "))
+        assert "alive" in row
+    assert "a✗" in text  # the connection's owner is dead
+    if h >= 24:
+        assert "peer a DEAD after" in text
+        assert "takes over 10.70.0.11:" in text and "from dead a" in text
+        assert "heard c claim 1 connection of dead a" in text
+        assert "a✗ → c?" in text  # c claimed it; the client appliance has not seen a migration yet
+        assert "seen as" in text or w < 100
+    if w >= 120:
+        assert "b:dead c:dead" in text
+        assert "server-a unreachable" in text  # the header
+
+
+def test_event_log_order_and_times(rec):
+    state = after_kill(rec)
+    text = screen(state, 120, 60)
+    i_suspect = text.index("peer a suspect")
+    i_dead = text.index("peer a DEAD")
+    i_take = text.index("takes over")
+    assert i_suspect < i_dead < i_take
+    dead = next(ev for src, ev in state.events if ev.get("event") == "peer_dead")
+    assert top.fmt_time(dead["t"]) in text
+
+
+def test_render_is_pure(rec):
+    state = after_kill(rec)
+    frozen = copy.deepcopy((state.sources, state.events))
+    a = screen(state, 100, 30)
+    b = screen(state, 100, 30)
+    assert a == b
+    assert (state.sources, state.events) == frozen
+
+
+# --- the takeover completes ----------------------------------------------------------------------
+
+
+def migrated_recording(rec):
+    """The recording plus a completed takeover by c (what shim.py and takeover.py report)."""
+    r = copy.deepcopy(rec)
+    killed = r["killed"]
+    last = r["samples"][-1]
+    conn = last["snapshots"]["client-ca"]["connections"][0]
+    client = conn["client"]
+    ack = conn["client_to_server"]["ack"]
+    t_dead = next(ev["t"] for ev in r["events"]["server-c"] if ev["event"] == "peer_dead")
+    base = {"client": client[0], "client_port": client[1], "server": "10.70.1.2", "server_port": 80}
+    r["events"]["server-c"] += [
+        {"t": t_dead + 0.002, "event": "migrate_syn_sent", **base, "attempt": 1, "seq": 1, "reqno": 1,
+         "since_start_ms": 0.1},
+        {"t": t_dead + 0.004, "event": "synack", **base, "seq": 2, "ack": ack, "window": 63, "rtt_ms": 1.9,
+         "since_start_ms": 2.0},
+        {"t": t_dead + 0.005, "event": "repaired", **base, "ms": 3.1, "repair_ms": 0.4, "plan": "resume",
+         "since_start_ms": 3.1},
+        {"t": t_dead + 0.009, "event": "resumed", **base, "mode": "resume", "offset": 14_000_000,
+         "bytes_left": 90_857_600, "since_start_ms": 7.0},
+    ]
+    r["events"]["client-ca"] += [
+        {"t": t_dead + 0.004, "event": "migrate_accepted", "client": client, "to": ["10.70.3.2", 80],
+         "from": ["10.70.1.2", 80], "reqno": 1, "seq": 1, "ack": ack, "tsecr": 1},
+        {"t": t_dead + 0.006, "event": "migrated", "client": client, "to": ["10.70.3.2", 80],
+         "from": ["10.70.1.2", 80], "reqno": 1, "lock_ms": 2.2},
+    ]
+    for s in r["samples"]:
+        if s["t"] > killed:
+            c = s["snapshots"]["client-ca"]["connections"][0]
+            c.update(current=["10.70.3.2", 80], migrations=1, reqno=1,
+                     servers=[["10.70.1.2", 80], ["10.70.3.2", 80]])
+            s["snapshots"]["client-ca"]["shim"]["migrations"] = 1
+            s["snapshots"]["client-ca"]["shim"]["migrate_syns"] = 1
+    return r
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_migration_completed(rec, size):
+    w, h = size
+    text = screen(collector_from_recording(migrated_recording(rec)).state, w, h)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    cells = row.split()
+    assert "c" in cells  # the owner is c now
+    assert "a✗" not in row and "?" not in row
+    if w >= 80:
+        assert " 1 " in row  # one migration
+    if w >= 120 and h >= 40:
+        assert "a→c" in row  # the servers it has been on
+        assert "shim 1 migration, 1 Migrate SYN, 0 rejected" in text  # the client appliance's counters
+        assert "MIGRATED a -> c" in text and "network lock 2.2 ms" in text
+        assert "ms after a was declared dead" in text
+        assert "Migrate SYN from c accepted" in text and "resume at byte" in text
+        assert "RESUMED at byte 14,000,000" in text
+        assert "Migrate SYN #1 sent to 10.70.0.11:" in text
+
+
+def test_takeover_in_progress_shows_its_phase(rec):
+    r = migrated_recording(rec)
+    # only the takeover engine's first steps: the client appliance has not switched yet
+    r["events"]["client-ca"] = [ev for ev in r["events"]["client-ca"] if ev["event"] not in ("migrated",
+                                                                                             "migrate_accepted")]
+    r["events"]["server-c"] = [ev for ev in r["events"]["server-c"] if ev["event"] not in ("repaired", "resumed")]
+    for s in r["samples"]:
+        for c in s["snapshots"]["client-ca"]["connections"]:
+            c.update(current=["10.70.1.2", 80], migrations=0, servers=[["10.70.1.2", 80]])
+    text = screen(collector_from_recording(r).state, 120, 40)
+    assert "a✗ → c? (SYN/ACK)" in text
+
+
+def test_migrate_rejected_and_lock_timeout_in_the_log(rec):
+    r = copy.deepcopy(rec)
+    t = r["samples"][-1]["t"]
+    r["events"]["client-ca"] += [
+        {"t": t - 0.2, "event": "migrate_rejected", "from": ["10.70.2.2", 80], "client": ["10.70.0.11", 5],
+         "reason": "token", "reqno": 3},
+        {"t": t - 0.1, "event": "migrate_lock_timeout", "client": ["10.70.0.11", 6], "to": ["10.70.2.2", 80]},
+        {"t": t - 0.05, "event": "rst_held", "client": ["10.70.0.11", 7], "server": ["10.70.1.2", 80],
+         "seconds": 30.0},
+        {"t": t - 0.01, "event": "something_new", "client": ["10.70.0.11", 8], "why": "because"},
+    ]
+    text = screen(collector_from_recording(r).state, 120, 40)
+    assert "Migrate SYN from b REJECTED for 10.70.0.11:5: token (reqno 3)" in text
+    assert "10.70.0.11:6: b never answered" in text
+    assert "RST from a held for 10.70.0.11:7 (30.0 s MIGRATE-WAIT)" in text
+    assert "something_new client=10.70.0.11:8 why=because" in text  # unknown kinds: their fields
+
+
+# --- one appliance, unreachable appliances, tiny terminals -----------------------------------------
+
+
+def only(rec, names, until=None):
+    r = copy.deepcopy(rec)
+    for s in r["samples"]:
+        s["snapshots"] = {n: v for n, v in s["snapshots"].items() if n in names}
+    r["events"] = {n: v for n, v in r["events"].items() if n in names}
+    r["sockets"] = {n: v for n, v in r["sockets"].items() if n in names}
+    return collector_from_recording(r, until=until).state
+
+
+def test_one_server_appliance(rec):
+    text = screen(only(rec, {"server-b"}), 120, 30)
+    assert "connections (replicas' stream maps)" not in text or "no connections" in text
+    row_a = next(line for line in text.splitlines() if line.startswith("│ a "))
+    assert "DEAD" in row_a and "—" in row_a  # b's view; a's appliance is not watched here
+    assert "fast path" not in text
+    text = screen(only(rec, {"server-a"}, until=rec["killed"] - 0.001), 120, 30)
+    assert "connections (replicas' stream maps)" in text
+    row = next(line for line in text.splitlines() if "/obj-100m" in line)
+    assert "100.0 MiB" in row and " a " in row and "established" in row
+    assert "progress needs the client appliance" in text
+
+
+def test_client_appliance_only(rec):
+    text = screen(only(rec, {"client-ca"}, until=rec["killed"] - 0.001), 100, 24)
+    assert "support group" not in text
+    assert "connections (client appliance ca's view)" in text
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "a" in line.split())
+    assert "?" in row  # no replica's stream map in view: no object length
+    assert "MiB" in row  # but the bytes acknowledged
+    assert "fast path" in text
+
+
+def test_unreachable_appliances():
+    col = Collector([("server-a", "/nonexistent/server-a.sock"), ("client-ca", "/nonexistent/client-ca.sock")],
+                    title="lab gone", clock=lambda: 1000.0)
+    col.ingest_error("server-a", "no control socket at /nonexistent/server-a.sock (is the appliance running?)", 990.0)
+    col.ingest_error("client-ca", "nothing listens on /nonexistent/client-ca.sock (the appliance stopped?)", 995.0)
+    state = col.publish()
+    for w, h in SIZES:
+        text = screen(state, w, h)
+        assert "unreachable" in text
+    text = screen(state, 120, 30)
+    assert "server-a unreachable 10.0 s" in text
+    assert "client appliance ca: unreachable (nothing listens on" in text
+    assert "server-a UNREACHABLE: no control socket" in text
+    row = next(line for line in text.splitlines() if line.startswith("│ a "))
+    assert "unreachable" in row
+    # it answers again: logged, and the row comes back
+    col.ingest_status("server-a", {"ok": True, "role": "server", "node": "a", "time": 1000.0, "connections": [],
+                                   "group": {"node": "a", "local_entries": 0, "advertised_load": 0.0, "peers": {}}},
+                      1000.0)
+    text = screen(col.publish(), 120, 30)
+    assert "server-a answers again" in text
+    row = next(line for line in text.splitlines() if line.startswith("│ a "))
+    assert "up" in row and "self" in row
+
+
+@pytest.mark.parametrize("size", [(40, 12), (20, 5), (10, 3), (1, 1), (200, 60), (30, 40)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_small_and_odd_terminals(rec, size):
+    for state in (before_kill(rec), after_kill(rec), collector_from_recording(migrated_recording(rec)).state,
+                  Collector([], title="empty").state):
+        screen(state, *size)
+
+
+def test_tiny_terminal_keeps_the_essentials(rec):
+    text = screen(after_kill(rec), 40, 12)
+    assert "DEAD" in text and "unreachable" in text
+    assert "%" in text  # the download's progress
+    text = screen(after_kill(rec), 20, 5)
+    assert "DEAD" in text  # the worst state first when not every node fits
+
+
+def test_ascii_mode(rec):
+    text = screen(before_kill(rec), 120, 40, unicode=False)
+    assert not any(ch in text for ch in "▁▂▃▄▅▆▇█░")
+    assert "#" in text
+
+
+def test_a_malformed_snapshot_does_not_crash():
+    col = Collector([("server-x", "x.sock"), ("client-ca", "c.sock")], clock=lambda: 5.0)
+    col.ingest_status("server-x", {"ok": True, "role": "server", "node": "x", "group": {"peers": {"y": "junk"}},
+                                   "connections": [{"requests": "junk"}, 5]}, 5.0)
+    col.ingest_status("client-ca", {"ok": True, "role": "client", "bridge": {"in": None}, "connections": [
+        {"client": ["1.2.3.4", 5], "client_to_server": {"frames": 1, "ack": "junk"}}, {"nope": 1}]}, 5.0)
+    col.ingest_event("server-x", {"t": "junk", "event": "peer_dead"})
+    col.ingest_event("server-x", ["not", "a", "dict"])
+    screen(col.publish(), 100, 30)  # panels may show an error line; the screen still renders
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def test_sparkline_and_bar():
+    assert top.sparkline([0, 1, 2, 3, 4, 5, 6, 7], 8) == "▁▂▃▄▅▆▇█"
+    assert top.sparkline([0, 0, 0], 5) == "▁▁▁"
+    assert top.sparkline(range(100), 10) == top.sparkline(range(90, 100), 10)  # the newest values
+    assert top.sparkline([], 10) == "" and top.sparkline([1, 2], 0) == ""
+    assert top.sparkline([0, 7], 2, unicode=False) == " #"
+    assert top.progress_bar(0.5, 10).plain == "█████░░░░░"
+    assert top.progress_bar(1.0, 4).plain == "████"
+    assert len(top.progress_bar(0.33, 10).plain) == 10
+    assert top.progress_bar(None, 3).plain == "░░░"
+    assert top.progress_bar(0.5, 4, unicode=False).plain == "##--"
+
+
+def test_rates_skip_restarts():
+    hist = [(0.0, {"in": {"rx_bytes": 0}}), (1.0, {"in": {"rx_bytes": 1000}}), (2.0, {"in": {"rx_bytes": 10}}),
+            (2.5, {"in": {"rx_bytes": 510}})]
+    assert top._rates(hist, "in", "rx_bytes") == [1000.0, 1000.0]
+
+
+def test_formatting():
+    assert top.fmt_bytes(104857600) == "100.0 MiB"
+    assert top.fmt_bytes(512) == "512 B"
+    assert top.fmt_duration(0.0161) == "16 ms" and top.fmt_duration(2.5) == "2.5 s"
+    assert top.fmt_duration(65) == "1m05s"
+    assert top.fmt_count(45970) == "46k"
+
+
+def test_backlog_replay_is_not_logged_twice():
+    col = Collector([("server-a", "a.sock")], clock=lambda: 1.0)
+    ev = {"t": 1.0, "event": "peer_dead", "node": "b", "silence_ms": 90.0, "connections": 0}
+    col.ingest_event("server-a", ev)
+    col.ingest_event("server-a", dict(ev))
+    col.ingest_event("server-c", dict(ev))  # another appliance's observation is its own line
+    assert len(col.publish().events) == 2
+
+
+def test_resolve_sources(tmp_path, monkeypatch):
+    import argparse
+
+    import appliance.lab as lab_mod
+    monkeypatch.setattr(lab_mod, "LAB_ROOT", tmp_path)
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1.json").write_text(json.dumps({"options": {"replicas": ["a", "b"], "client_path": "appliance"}}))
+    (tmp_path / "t1" / "topology.json").write_text(json.dumps({"replicas": {"a": {"ip": "10.70.1.2"},
+                                                                            "b": {"ip": "10.70.2.2"}}}))
+    ns = argparse.Namespace(socket=None, lab="t1", node=None)
+    sources, title, names = top.resolve_sources(ns)
+    assert [n for n, _ in sources] == ["server-a", "server-b", "client-ca"]
+    assert sources[0][1] == tmp_path / "t1" / "server-a.sock"
+    assert names == {"10.70.1.2": "a", "10.70.2.2": "b"} and title == "lab t1"
+    ns.node = "ca"
+    assert top.resolve_sources(ns)[0] == [("client-ca", tmp_path / "t1" / "client-ca.sock")]
+    ns.node = "b"
+    assert top.resolve_sources(ns)[0] == [("server-b", tmp_path / "t1" / "server-b.sock")]
+    ns.lab, ns.node = None, None  # the only lab there
+    assert len(top.resolve_sources(ns)[0]) == 3
+    ns.lab = "nosuch"
+    with pytest.raises(ValueError, match="no lab 'nosuch'"):
+        top.resolve_sources(ns)
+    ns.lab, ns.socket = None, str(tmp_path / "t1" / "server-a.sock")
+    sources, title, names = top.resolve_sources(ns)
+    assert sources == [("server-a", tmp_path / "t1" / "server-a.sock")] and names["10.70.2.2"] == "b"
+
+
+# --- against a real control socket ----------------------------------------------------------------------
+
+
+class FakeAppliance:
+    """A ControlServer in a thread of its own, answering with the recording's snapshots."""
+
+    def __init__(self, path, snapshot: dict) -> None:
+        self.path = str(path)
+        self.snapshot = snapshot
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        self.server = ControlServer(self.path, {"status": lambda req: dict(self.snapshot)})
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
+
+    def publish(self, ev: dict) -> None:
+        self.loop.call_soon_threadsafe(self.server.publish, ev)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(5)
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(3)
+
+
+def wait_for(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+@pytest.fixture
+def sockdir():
+    with tempfile.TemporaryDirectory(prefix="top", dir="/tmp") as d:  # short: AF_UNIX paths are limited
+        yield Path(d)
+
+
+def test_collector_follows_a_live_appliance(rec, sockdir):
+    snap = rec["samples"][2]["snapshots"]["server-b"]
+    app = FakeAppliance(sockdir / "server-b.sock", snap)
+    app.publish({"t": time.time(), "event": "peer_suspect", "node": "a"})  # in the backlog
+    col = Collector([("server-b", sockdir / "server-b.sock")], title="test", interval=0.1)
+    try:
+        col.start()
+        assert wait_for(lambda: col.state.sources[0].reachable and col.state.events)
+        assert col.state.events[-1][1]["event"] == "peer_suspect"
+        assert wait_for(lambda: col.state.sources[0].events_connected)
+        app.publish({"t": time.time(), "event": "peer_dead", "node": "a", "silence_ms": 91.0, "connections": 1})
+        assert wait_for(lambda: any(ev["event"] == "peer_dead" for _, ev in col.state.events))
+        text = screen(col.state, 120, 30)
+        assert "peer a DEAD after 91.0 ms" in text and "│ b " in text
+        app.stop()  # the appliance goes away: unreachable, and asked again
+        assert wait_for(lambda: not col.state.sources[0].reachable)
+        assert "unreachable" in screen(col.state, 120, 30)
+        app.start()  # back (a new process would have a new backlog; this one replays the old one)
+        assert wait_for(lambda: col.state.sources[0].reachable and col.state.sources[0].events_connected)
+        app.publish({"t": time.time(), "event": "peer_alive", "node": "a"})
+        assert wait_for(lambda: any(ev["event"] == "peer_alive" for _, ev in col.state.events))
+        kinds = [ev["event"] for src, ev in col.state.events if src == "server-b"]
+        assert kinds == ["peer_suspect", "peer_dead", "peer_alive"]  # the replayed backlog is not doubled
+        tops = [ev["event"] for src, ev in col.state.events if src == "top"]
+        assert tops == ["top_unreachable", "top_reachable"]
+    finally:
+        col.stop()
+        app.close()
+
+
+def test_a_hung_appliance_does_not_stall_the_others(rec, sockdir, monkeypatch):
+    import socket as socket_mod
+    monkeypatch.setattr(top, "STATUS_TIMEOUT", 0.5)
+    hung = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    hung.bind(str(sockdir / "server-a.sock"))
+    hung.listen(5)  # accepts, never answers
+    app = FakeAppliance(sockdir / "server-b.sock", rec["samples"][2]["snapshots"]["server-b"])
+    col = Collector([("server-a", sockdir / "server-a.sock"), ("server-b", sockdir / "server-b.sock")],
+                    interval=0.1)
+    try:
+        col.start()
+        assert wait_for(lambda: col.state.sources[1].polls >= 5, timeout=3)
+        assert wait_for(lambda: col.state.sources[0].error is not None, timeout=3)
+        assert "no answer" in col.state.sources[0].error
+        start = time.monotonic()
+        screen(col.state, 120, 30)
+        assert time.monotonic() - start < 0.5  # rendering reads the published state only
+    finally:
+        col.stop()
+        app.close()
+        hung.close()
+
+
+def test_once_command(rec, sockdir, capsys):
+    from appliance.__main__ import main
+
+    apps = [FakeAppliance(sockdir / f"{n}.sock", rec["samples"][4]["snapshots"][n])
+            for n in ("server-a", "server-b", "client-ca")]
+    try:
+        for app in apps:
+            app.publish({"t": time.time(), "event": "peer_alive", "node": "z"})
+        started = time.monotonic()
+        rc = main(["top", "--socket", str(sockdir / "client-ca.sock"), "--once", "--width", "100", "--height", "30"])
+        took = time.monotonic() - started
+        out = capsys.readouterr().out
+        assert rc == 0
+        assert len(out.splitlines()) == 30
+        assert "connections (client appliance ca's view)" in out and "fast path" in out
+        assert "frames/s" in out and "peer z alive" in out
+        assert took < 4, took
+        (sockdir / "server-a.sock").unlink()
+        rc = main(["top", "--socket", str(sockdir / "server-a.sock"), "--once", "--width", "80", "--height", "12"])
+        out = capsys.readouterr().out
+        assert rc == 1 and "unreachable" in out
+    finally:
+        for app in apps:
+            app.close()
+
+
+def test_top_is_registered():
+    from appliance.__main__ import build_parser
+
+    args = build_parser().parse_args(["top", "--lab", "x", "--node", "a", "--interval", "0.2", "--once"])
+    assert args.func is top.run and args.lab == "x" and args.node == "a" and args.interval == 0.2 and args.once
+    assert os.path.exists(DATA / "record.py")
