@@ -240,6 +240,7 @@ class NfQueueShim:
         self.topo, self.queue, self.answer_migrate = topo, queue, answer_migrate
         self.state = {}
         self.migrated = False
+        self.pending = None
         self.b_acked = False
         self.reqno = 0
         self.events = []
@@ -269,10 +270,12 @@ class NfQueueShim:
         deadline = time.monotonic() + 60
         try:
             while not self._stop.is_set() and time.monotonic() < deadline:
-                for pid, pkt in q.packets(0.05):
+                for pid, pkt in q.packets(0.01):
                     with self.lock:
                         verdict, out = self._handle(bytearray(pkt))
                     q.verdict(pid, verdict, out)
+                with self.lock:
+                    self._maybe_answer()
         except Exception as exc:  # noqa: BLE001
             self.error = exc
         finally:
@@ -308,6 +311,9 @@ class NfQueueShim:
                           s_sack=bool(v.opts & fp.HAS_SACK_PERMITTED), s_ts=bool(v.opts & fp.HAS_TIMESTAMPS))
             if flags & fp.ACK:
                 st.update(a_ack=v.ack, a_tsval=v.tsval)
+            end = (v.seq + v.payload_len + (1 if flags & fp.FIN else 0)) & 0xFFFFFFFF
+            if "a_next" not in st or fp.seq_gt(end, st["a_next"]):
+                st["a_next"] = end  # the highest byte of A's passed on to the client
             return NF_ACCEPT, None
         if src == B_IP:
             if flags & fp.SYN and v.opts & fp.HAS_MIGRATE:
@@ -345,10 +351,24 @@ class NfQueueShim:
             self.injector.send(fp.build_rst(C_IP, B_IP, v.dport, v.sport, 0, (v.seq + 1) & 0xFFFFFFFF))
             return
         self.reqno = v.migrate_reqno
-        self.migrated = True
+        self.migrated = True  # from now on nothing of A's reaches the client
+        # The SYN/ACK's ack must be the client's exact rcv_nxt, including A's segments
+        # already passed on: wait (bounded) for the client's ACK of the last of them.
+        if self.pending is None:
+            self.pending = (v.sport, v.dport, time.monotonic() + 0.3)
+        self._maybe_answer()
+
+    def _maybe_answer(self) -> None:
+        if self.pending is None:
+            return
+        st = self.state
+        sport, dport, deadline = self.pending
+        if fp.seq_lt(st["c_ack"], st.get("a_next", st["c_ack"])) and time.monotonic() < deadline:
+            return
+        self.pending = None
         s = self.synack_values()
         ts = (s["tsval"], s["tsecr"]) if st.get("c_ts") and st.get("s_ts") else (None, None)
-        self.injector.send(fp.build_migrate_synack(C_IP, B_IP, v.dport, v.sport, s["seq"], s["ack"], s["window"],
+        self.injector.send(fp.build_migrate_synack(C_IP, B_IP, dport, sport, s["seq"], s["ack"], s["window"],
                                                    tsval=ts[0], tsecr=ts[1]))
         self.counts["synacks"] += 1
 
