@@ -1004,7 +1004,7 @@ class TakeoverEngine:
                 self._refuse(t, str(exc) if isinstance(exc, Refused) else f"local server: {exc}")
                 return
             if t.stop.is_set():
-                self._refuse(t, "engine closed")
+                self._refuse(t, t.reason or "stopped")
                 return
             mode = {RESUME: "resume", ADOPT: "adopt", WHOLE: "whole"}[plan.kind]
             self._count({RESUME: "resumed", ADOPT: "adopted", WHOLE: "whole"}[plan.kind])
@@ -1025,7 +1025,9 @@ class TakeoverEngine:
 
             res = relay(t.sock, t.local, t.stop, self.idle_timeout, self.pipe_size, progress)
             t.to_client, t.to_local = res.to_client, res.to_local
-            t.reason = res.end
+            if res.end == "stopped":  # abort() or close(): the client must not take it for a clean end
+                self._close_sockets(t, reset=True)
+            t.reason = t.reason or res.end
             self._count("bytes_to_client", res.to_client)
             self._count("bytes_from_client", res.to_local)
             self._finish(t, "done")
@@ -1125,6 +1127,7 @@ class TakeoverEngine:
             if t.phase == "handshake":
                 self._fail(t, "engine closed")
             elif t.stop is not None:
+                t.reason = t.reason or "engine closed"
                 t.stop.set()
                 if t.thread is not None:
                     threads.append(t.thread)

@@ -750,3 +750,78 @@ def test_engine_on_asyncio_receives_the_synack_on_its_raw_socket(docroot):
         eng.close()
         sender.close()
         client.close()
+
+
+# --- IPv6 ------------------------------------------------------------------------------------------------
+
+
+def test_ipv6_handshake_in_memory():
+    e = make_entry(client_ip=socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
+                   server_ip=socket.inet_pton(socket.AF_INET6, "2001:db8::2"))
+    hs = tk.Handshake(e, "2001:db8::3", 0.0)
+    v = view(hs.datagrams(0.0)[0])
+    assert v.ip_version == 6 and v.flags == fp.SYN and v.opts & fp.HAS_MIGRATE
+    assert (v.src_ip, v.dst_ip, v.dport) == ("2001:db8::3", "2001:db8::1", 40000)
+    p = hs.on_synack(view(synack(e, src="2001:db8::1", dst="2001:db8::3")), 0.01)
+    assert p.local == ("2001:db8::3", 80) and p.remote == ("2001:db8::1", 40000)
+
+
+@needs_root
+def test_ipv6_receiver_rebuilds_the_ip_header():
+    from appliance.inject import RawInjector
+
+    port = _free_port()
+    try:
+        rx = tk._Receiver(socket.AF_INET6, [port])
+    except OSError as exc:
+        pytest.skip(f"no IPv6 raw socket here: {exc}")
+    inj = RawInjector()
+    try:
+        inj.send(fp.build_tcp("::1", "::1", 45001, port, 0x22220001, 5, fp.SYN | fp.ACK))
+        inj.send(fp.build_tcp("::1", "::1", 45001, port, 0x22220002, 5, fp.ACK))
+        got = []
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not got:
+            got += [view(p) for p in rx.read(64)]
+            time.sleep(0.01)
+        mine = [v for v in got if v.sport == 45001]
+        assert [v.seq for v in mine] == [0x22220001]
+        v = mine[0]
+        assert v.is_tcp and v.src_ip == "::1" and v.dst_ip == "::1" and v.dport == port
+    finally:
+        rx.close()
+        inj.close()
+
+
+def test_engine_abort_and_close(docroot):
+    events, client = [], FakeClient()
+    eng = make_engine(docroot, client, events)
+    try:
+        e = served_entry(docroot)
+        eng.start(e)
+        assert eng.abort(e.key, "race lost") and events[-1][0] == "failed"
+        assert events[-1][1]["reason"] == "race lost" and eng.active() == []
+        assert not eng.abort(e.key)
+
+        events.clear()
+        e2 = served_entry(docroot, client_port=40020, state="IDLE", object=None, status=0, body_start=0,
+                          body_length=0)
+        eng.start(e2)
+        eng.feed(synack(e2, src="127.0.0.1", dst="127.0.0.1"))
+        wait_for(events, "resumed")
+        assert eng.abort(e2.key, "operator")
+        done = wait_for(events, "done")
+        assert done["end"] == "stopped"
+        with pytest.raises(ConnectionResetError):
+            client.peer.recv(10)
+        assert eng.snapshot()["finished"][-1]["reason"] == "operator"
+
+        events.clear()
+        e3 = served_entry(docroot, client_port=40021)
+        eng.start(e3)
+        eng.close()
+        assert events[-1][0] == "failed" and events[-1][1]["reason"] == "engine closed"
+        assert not eng.start(served_entry(docroot, client_port=40022))
+    finally:
+        eng.close()
+        client.close()
