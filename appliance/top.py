@@ -1110,7 +1110,7 @@ def render_fastpath(state: State, width: int, unicode: bool = True) -> Panel:
         return Panel(msg, title=Text("fast path", style="bold"), title_align="left", box=box.ROUNDED,
                      padding=(0, 1))
     hist = state.bridge_history
-    spark_w = max(0, min(60, (inner - 62) // 2))
+    spark_w = max(0, min(40, (inner - 59) // 2))  # what the other columns leave, for two sparklines
     specs = [("dir", 15, 0), ("frames/s", 9, 0), ("fr spark", spark_w, 3), ("bytes/s", 12, 0),
              ("B spark", spark_w, 2), ("to Python", 9, 1), ("dropped", 7, 1), ("frames", 8, 4), ("bytes", 10, 4)]
     if spark_w < 4:
@@ -1443,7 +1443,11 @@ def run(args) -> int:
 def _live(collector: Collector, args) -> int:
     from rich.live import Live
 
-    console = Console()
+    # the terminal's real size, always: rich would pin it to COLUMNS/LINES when they are set
+    # (exported once, they go stale when the terminal is resized; tmux may hand them down)
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} if sys.stdout.isatty() \
+        else None
+    console = Console(_environ=environ)
     unicode = not args.ascii and console.encoding.lower().startswith("utf")
     stop = threading.Event()
 
