@@ -1190,21 +1190,21 @@ def event_lines(state: State, limit: int) -> list:
 def render_events(state: State, width: int, rows_avail: int) -> Panel:
     inner = max(10, width - 4)
     lines = event_lines(state, rows_avail) if rows_avail > 0 else []
-    grid = Table.grid(padding=(0, 1), expand=True)
     show_time = inner >= 50
-    if show_time:
-        grid.add_column(no_wrap=True, width=12, style="dim")
-    grid.add_column(no_wrap=True, width=4, style="bold")
-    grid.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
+    out = []  # plain lines, not a table: this panel has the most rows, and tables are slow to lay out
     for t, src, text, style, count in lines:
-        msg = Text(text, style=style)
+        line = Text(no_wrap=True, overflow="ellipsis")
+        if show_time:
+            line.append(fmt_time(t) + " ", style="dim")
+        line.append(f"{_short(src)[:4]:<4} ", style="bold")
+        line.append(text, style=style)
         if count > 1:
-            msg.append(f" ×{count}", style="bold")
-        cells = [Text(fmt_time(t))] if show_time else []
-        cells += [Text(_short(src)[:4]), msg]
-        grid.add_row(*cells)
-    if not lines:
-        grid.add_row(*([Text("")] if show_time else []), Text(""), Text("no events yet", style="dim"))
+            line.append(f" ×{count}", style="bold")
+        line.truncate(inner, overflow="ellipsis")
+        out.append(line)
+    if not out:
+        out.append(Text("no events yet", style="dim"))
+    grid = Group(*out)
     return Panel(grid, title=Text(f"events ({len(state.events)})", style="bold"), title_align="left",
                  box=box.ROUNDED, padding=(0, 1))
 
@@ -1291,7 +1291,7 @@ def _render(state: State, width: int, height: int, unicode: bool):
         blocks.append(["top", max(group_lo, fast_lo), max(group_want, fast_want)])
     elif servers:
         blocks.append(["group", group_lo, group_want])
-    blocks.append(["conns", 4, max(1, n_conns) + 3])
+    blocks.append(["conns", 4, min(max(1, n_conns) + 3, max(4, height * 45 // 100))])  # leave the log room
     blocks.append(["events", 4, 4])
     if client is not None and not side:
         blocks.append(["fast", fast_lo, fast_want])
