@@ -183,12 +183,14 @@ class Collector:
             if len(order) > 4 * EVENT_KEEP:
                 seen.discard(order.popleft())
             self._events.append((name, ev))
-            if ev.get("event") == "response_start":
-                src = self._sources.get(name)
-                try:
+            try:
+                if ev.get("event") == "response_start":
+                    src = self._sources.get(name)
                     self._remember_object(ev, src.node if src else None)
-                except (AttributeError, KeyError, TypeError, ValueError):
-                    pass
+                elif ev.get("event") == "takeover" and isinstance(ev.get("key"), dict):
+                    self._remember_takeover(ev)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                pass
             self._dirty = True
 
     def set_events_connected(self, name: str, connected: bool) -> None:
@@ -252,6 +254,22 @@ class Collector:
         self._objects.move_to_end(key)
         while len(self._objects) > OBJECT_KEEP:
             self._objects.popitem(last=False)
+
+    def _remember_takeover(self, ev: dict) -> None:
+        """A takeover names the dead node's connection and its object: enough for the object
+        column when the dead replica's own events were never seen (a dashboard started later),
+        and for progress too if it carries the entry's body_start and body_length."""
+        k = ev["key"]
+        key = f"{k.get('client')}:{k.get('client_port')}"
+        old = self._objects.get(key)
+        if old is not None and old.get("body_start") is not None:
+            return
+        self._objects[key] = {"path": ev.get("path"), "method": None, "status": ev.get("status"),
+                              "body_start": ev.get("body_start"), "content_length": ev.get("body_length"),
+                              "total_length": ev.get("total_length"), "offset": ev.get("body_offset") or 0,
+                              "na": ev.get("na"), "node": ev.get("dead"), "server": k.get("server"),
+                              "resumable": True}
+        self._objects.move_to_end(key)
 
     def publish(self, now: Optional[float] = None) -> State:
         """Build the State from what was ingested (the render side only ever reads self.state)."""
@@ -1161,8 +1179,8 @@ def render_fastpath(state: State, width: int, unicode: bool = True) -> Panel:
     line2.append(f", {_plural(int(_num(sh.get('migrate_syns'))), 'Migrate SYN')}, ")
     line2.append(f"{rejected} rejected", style="bold red" if rejected else "")
     line2.append(f", {fmt_count(_num(sh.get('lock_dropped_client')) + _num(sh.get('lock_dropped_rst')))} "
-                 f"dropped in lock, {fmt_count(sh.get('rsts_held', 0))} RSTs held, "
-                 f"{fmt_count(sh.get('syns_tagged', 0))} SYNs tagged")
+                 f"dropped in lock, {_plural(int(_num(sh.get('rsts_held'))), 'RST')} held, "
+                 f"{_plural(int(_num(sh.get('syns_tagged'))), 'SYN')} tagged")
     summary = Group(line1, line2)
     title = f"fast path (client appliance {client.node}, build {snap.get('build', '?')}, {bridge.get('kind') or '?'} forwarder)"
     return Panel(Group(table, summary), title=Text(title, style="bold"), title_align="left", box=box.ROUNDED,

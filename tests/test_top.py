@@ -107,7 +107,7 @@ def test_steady_download_details_at_120x40(rec):
     assert "GET /obj-100m -> 200 100.0 MiB" in text
     net_in = next(line for line in lines if "net → client" in line)
     assert "MiB/s" in net_in  # a 40 mbit download: MiB per second toward the client
-    assert "table " in text and "to Python" in text and "SYNs tagged" in text
+    assert "table " in text and "to Python" in text and "1 SYN tagged" in text
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -534,3 +534,23 @@ def test_top_is_registered():
     args = build_parser().parse_args(["top", "--lab", "x", "--node", "a", "--interval", "0.2", "--once"])
     assert args.func is top.run and args.lab == "x" and args.node == "a" and args.interval == 0.2 and args.once
     assert os.path.exists(DATA / "record.py")
+
+
+def test_started_after_the_kill(rec):
+    """A dashboard started after a died never saw a's response events: the takeover event still
+    names the object; its progress needs body_start and Content-Length, so it shows bytes only."""
+    r = copy.deepcopy(rec)
+    r["samples"] = [s for s in r["samples"] if s["t"] > r["killed"]]
+    r["events"]["server-a"] = []
+    text = screen(collector_from_recording(r).state, 120, 40)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "MiB" in line)
+    assert "/obj-100m" in row and "?" in row and "a✗ → c?" in row
+    # with the entry's body_start and length in the takeover event, the bar comes back
+    for ev in r["events"]["server-c"]:
+        if ev["event"] == "takeover":
+            resp = next(c for s in rec["samples"] for c in s["snapshots"].get("server-a", {}).get("connections", [])
+                        if c["client_port"] == ev["key"]["client_port"])["requests"][0]["response"]
+            ev.update(body_start=resp["body_start"], body_length=resp["content_length"])
+    text = screen(collector_from_recording(r).state, 120, 40)
+    pct, _ = expected_progress(rec, rec["samples"][-1]["t"])
+    assert f"{pct:.1f}%" in text
