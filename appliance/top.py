@@ -282,7 +282,7 @@ class Collector:
                 events=tuple(sorted(self._events, key=lambda e: _num(e[1].get("t")))),
                 bridge_history=tuple(self._bridge),
                 conn_history=MappingProxyType({k: tuple(v) for k, v in self._conn_hist.items()}),
-                objects=MappingProxyType({k: dict(v) for k, v in self._objects.items()}),
+                objects=MappingProxyType(dict(self._objects)),  # entries are replaced, never changed
                 names=MappingProxyType(dict(self._names)),
             )
             self._dirty = False
@@ -308,8 +308,9 @@ class Collector:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        deadline = time.monotonic() + 1.0  # a poller stuck on a hung appliance is a daemon: not waited for
         for th in self._threads:
-            th.join(1.0)
+            th.join(max(0.0, deadline - time.monotonic()))
 
     def _publish_loop(self) -> None:
         while not self._stop.wait(PUBLISH_EVERY):
