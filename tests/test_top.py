@@ -554,3 +554,50 @@ def test_started_after_the_kill(rec):
     text = screen(collector_from_recording(r).state, 120, 40)
     pct, _ = expected_progress(rec, rec["samples"][-1]["t"])
     assert f"{pct:.1f}%" in text
+
+
+# --- a real migration (tests/data/top/record.py migrated.json, after the takeover was wired in) -----
+
+
+@pytest.fixture(scope="module")
+def mig():
+    return json.loads((DATA / "migrated.json").read_text())
+
+
+def taker(mig):
+    ev = next(e for e in mig["events"]["client-ca"] if e["event"] == "migrated")
+    return mig["names"][ev["to"][0]], ev
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_real_migration(mig, size):
+    w, h = size
+    new, ev = taker(mig)
+    text = screen(collector_from_recording(mig).state, w, h)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    cells = row.replace("│", " ").split()
+    assert new in cells and "a✗" not in row and "?" not in row  # the owner is the replica that took it
+    assert "100.0%" in row  # the download completed on the new owner
+    if w >= 80:
+        assert "1" in cells  # one migration
+    if w >= 120:
+        assert f"a→{new}" in row
+        assert f"MIGRATED a -> {new} (reqno 1, network lock {ev['lock_ms']} ms" in text
+        assert "ms after a was declared dead" in text
+        assert f"Migrate SYN from {new} accepted for 10.70.0.11:" in text
+        resumed = next(e for e in mig["events"][f"server-{new}"] if e["event"] == "resumed")
+        assert f"RESUMED at byte {resumed['offset']:,}" in text
+        assert "takeover of 10.70.0.11:" in text and "done:" in text
+        assert "shim 1 migration, 1 Migrate SYN, 0 rejected" in text
+
+
+def test_real_migration_just_after_the_kill(mig):
+    """The first sample after the kill: a's appliance no longer answers, its peers have not
+    declared it dead yet (they will within about 100 ms)."""
+    first = next(s["t"] for s in mig["samples"] if s["t"] > mig["killed"])
+    state = collector_from_recording(mig, until=first).state
+    text = screen(state, 120, 40)
+    row_a = next(line for line in text.splitlines() if line.startswith("│ a "))
+    assert "unreachable" in row_a and "alive" in row_a and "DEAD" not in row_a
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    assert " a " in row and "established" in row

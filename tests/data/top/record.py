@@ -1,6 +1,6 @@
-"""Record tests/data/top/failover.json from a real lab (root; about 40 s).
+"""Record tests/data/top/failover.json from a real lab (root; about 10 s).
 
-    .venv/bin/python tests/data/top/record.py
+    .venv/bin/python tests/data/top/record.py [OUTPUT.json]
 
 Brings a lab up (client appliance + server appliances on a, b, c; a's link at 40 mbit),
 follows every appliance's event stream and asks each for its status every 0.5 s through
@@ -53,7 +53,9 @@ class RecordingCollector(Collector):
         super().ingest_event(name, ev)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = HERE / (argv[0] if argv else "failover.json")
     names = ["server-a", "server-b", "server-c", "client-ca"]
     with labutil.running_lab(name="toprec", client_path="appliance", appliances=True, object_sizes=("100m",),
                              links={"a": {"rate": "40mbit"}}) as lab:
@@ -93,8 +95,8 @@ def main() -> int:
     samples = [{"t": t, "snapshots": s} for t, s in sorted(col.log["samples"].items())]
     rec = {"title": "lab toprec", "sockets": sockets, "names": col.state.names and dict(col.state.names),
            "killed": killed, "samples": samples, "events": col.log["events"]}
-    (HERE / "failover.json").write_text(json.dumps(rec, sort_keys=True, separators=(",", ":")))
-    print(f"{len(samples)} samples, {sum(len(v) for v in col.log['events'].values())} events")
+    out.write_text(json.dumps(rec, sort_keys=True, separators=(",", ":")))
+    print(f"{out}: {len(samples)} samples, {sum(len(v) for v in col.log['events'].values())} events")
     return 0
 
 
