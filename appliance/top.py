@@ -870,10 +870,15 @@ def describe_event(state: State, src: str, ev: dict) -> str:
         if k == "migrated":
             key = _ep(g("client"))
             took = ""
-            dead = [e for s, e in state.events if e.get("event") == "peer_dead" and e.get("node") == name(g("from"))
-                    and _num(e.get("t")) <= _num(g("t"))]
-            if dead:
-                took = f", {(_num(g('t')) - _num(dead[0].get('t'))) * 1000:.0f} ms after {name(g('from'))} was declared dead"
+            t_mig, old = _num(g("t")), name(g("from"))
+            causes = [e for s, e in state.events if e.get("event") in ("peer_dead", "peer_draining")
+                      and e.get("node") == old and t_mig - 30.0 <= _num(e.get("t")) <= t_mig]
+            if causes:  # the first observer's verdict of the latest death (or drain) before it
+                latest = max(_num(e.get("t")) for e in causes)
+                first = min((e for e in causes if e.get("event") == "peer_dead" and latest - _num(e.get("t")) < 1.0)
+                            or [e for e in causes if _num(e.get("t")) == latest], key=lambda e: _num(e.get("t")))
+                why = "was declared dead" if first.get("event") == "peer_dead" else "started draining"
+                took = f", {(t_mig - _num(first.get('t'))) * 1000:.0f} ms after {old} {why}"
             return (f"{key} MIGRATED {name(g('from'))} -> {name(g('to'))} (reqno {g('reqno')}, "
                     f"network lock {g('lock_ms')} ms{took})")
         if k == "migrate_rejected":

@@ -601,3 +601,22 @@ def test_real_migration_just_after_the_kill(mig):
     assert "unreachable" in row_a and "alive" in row_a and "DEAD" not in row_a
     row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
     assert " a " in row and "established" in row
+
+
+def test_migration_time_counts_from_the_latest_death(mig):
+    r = copy.deepcopy(mig)
+    ev = next(e for e in r["events"]["client-ca"] if e["event"] == "migrated")
+    # an old death of a, long before (it restarted since): not the cause of this migration
+    r["events"]["server-c"].insert(0, {"t": ev["t"] - 600, "event": "peer_dead", "node": "a", "silence_ms": 90.0,
+                                       "connections": 0})
+    text = screen(collector_from_recording(r).state, 120, 60)
+    line = next(line for line in text.splitlines() if "MIGRATED" in line)
+    deaths = [e["t"] for n in ("server-b", "server-c") for e in mig["events"][n]
+              if e["event"] == "peer_dead" and e["node"] == "a"]
+    assert f"{(ev['t'] - min(deaths)) * 1000:.0f} ms after a was declared dead" in line
+    # a planned migration (no death): no such claim
+    r["events"]["server-b"] = [e for e in r["events"]["server-b"] if e["event"] != "peer_dead"]
+    r["events"]["server-c"] = [e for e in r["events"]["server-c"] if e["event"] != "peer_dead"]
+    text = screen(collector_from_recording(r).state, 120, 60)
+    line = next(line for line in text.splitlines() if "MIGRATED" in line)
+    assert "declared dead" not in line
