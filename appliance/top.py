@@ -227,6 +227,10 @@ class Collector:
                 del self._conn_hist[key]
 
     def _ingest_server(self, node: Optional[str], answer: dict) -> None:
+        for field in ("address", "ip"):  # the replica's service address, if the snapshot says it
+            ip = answer.get(field)
+            if node and isinstance(ip, str) and ip not in self._names:
+                self._names[ip] = node
         for c in answer.get("connections") or []:
             reqs = c.get("requests") or []
             cur = c.get("current")

@@ -620,3 +620,19 @@ def test_migration_time_counts_from_the_latest_death(mig):
     text = screen(collector_from_recording(r).state, 120, 60)
     line = next(line for line in text.splitlines() if "MIGRATED" in line)
     assert "declared dead" not in line
+
+
+def test_owner_names_from_the_snapshots(mig):
+    """Outside a lab (no topology.json) a server snapshot that gives its address names the owner."""
+    r = copy.deepcopy(mig)
+    r["names"] = {}
+    new, ev = taker(mig)
+    text = screen(collector_from_recording(r).state, 120, 40)
+    assert f"{ev['to'][0]}" in text  # no names: addresses
+    for s in r["samples"]:
+        for n, ip in mig["names"].items():
+            if f"server-{ip}" in s["snapshots"] and s["snapshots"][f"server-{ip}"].get("ok", True):
+                s["snapshots"][f"server-{ip}"]["address"] = n
+    text = screen(collector_from_recording(r).state, 120, 40)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    assert new in row.replace("│", " ").split()
