@@ -73,7 +73,7 @@ from . import repair
 
 __all__ = [
     "Handshake", "RepairParams", "SynAck", "Plan", "plan_resume", "Refused", "range_request",
-    "whole_request", "check_range_head", "read_head", "open_range", "relay", "synack_filter",
+    "whole_request", "check_range_head", "read_head", "open_range", "relay", "synack_filter", "owned_entry",
     "TakeoverEngine", "SENT", "ANSWERED", "RESET", "EXPIRED", "RESUME", "ADOPT", "WHOLE", "REFUSE",
 ]
 
@@ -332,12 +332,12 @@ def parse_head(data: bytes) -> ResponseHead:
     return ResponseHead(parser.get_status_code(), h.headers, len(data))
 
 
-def read_head(sock: socket.socket, deadline: float, limit: int = MAX_HEAD) -> ResponseHead:
+def read_head(sock: socket.socket, deadline: float, limit: int = MAX_HEAD, consume: bool = True) -> ResponseHead:
     """Read exactly the response head from a blocking socket, leaving the body in it.
 
     Peeks (MSG_PEEK) until the blank line is there, raising SO_RCVLOWAT to wait for more
-    bytes instead of spinning, then consumes just the head: the body stays in the kernel
-    for splice()."""
+    bytes instead of spinning, then consumes just the head (unless consume is False): the
+    body stays in the kernel for splice()."""
     want = 1
     try:
         while True:
@@ -364,6 +364,8 @@ def read_head(sock: socket.socket, deadline: float, limit: int = MAX_HEAD) -> Re
     finally:
         if want > 1:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    if not consume:
+        return head
     got = sock.recv(head.length, socket.MSG_WAITALL)
     if len(got) != head.length:
         raise Refused("local server: the response head vanished while being read")
@@ -404,6 +406,37 @@ def check_range_head(head: ResponseHead, entry, offset: int) -> Optional[str]:
     return None
 
 
+def owned_entry(entry, local: bytes, local_port: int, reqno: int, head: Optional[ResponseHead] = None):
+    """The sync.Entry this replica advertises for a connection it took over, or None.
+
+    B continues in the client's own sequence space, so A's entry stays true for the
+    response being resumed; only the server address (B's), the port and the ReqNo (the one
+    this takeover used, so the next takeover uses a newer one) change. For a response B
+    sent whole, `head` is B's own response head: the body starts after it (Na + 1 + its
+    length); None is returned when that response could not be resumed (no Content-Length,
+    chunked, a status other than 200/206)."""
+    from dataclasses import replace
+
+    from .sync import ObjectRef
+
+    e = replace(entry, server_ip=local, server_port=local_port, reqno=reqno)
+    if head is None:
+        return e
+    h = head.headers
+    if head.status not in (200, 206) or "transfer-encoding" in h or not h.get("content-length", "").isdigit():
+        return None
+    length = int(h["content-length"])
+    offset, total = 0, length
+    if head.status == 206:
+        m = _CONTENT_RANGE.match(h.get("content-range", ""))
+        if not m:
+            return None
+        offset, total = int(m.group(1)), int(m.group(3))
+    obj = ObjectRef(entry.object.host, entry.object.path, h.get("etag"), h.get("last-modified"), total)
+    return replace(e, object=obj, status=head.status, body_start=(entry.na + 1 + head.length) & MASK32,
+                   body_offset=offset, body_length=length)
+
+
 def connect_local(addr: Tuple[str, int], timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection(addr, timeout=timeout)
@@ -441,7 +474,10 @@ _IN, _OUT, _BAD = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP
 
 
 class _Dir:
-    __slots__ = ("src", "dst", "r", "w", "cap", "pending", "eof", "moved", "shut")
+    # full: the last splice into the pipe found it full. A pipe holds a fixed number of
+    # buffers, and splice from a TCP socket fills one per skb fragment, so it can be full with
+    # far fewer than `cap` bytes; polling the source then only spins.
+    __slots__ = ("src", "dst", "r", "w", "cap", "pending", "eof", "moved", "shut", "full")
 
     def __init__(self, src: socket.socket, dst: socket.socket, pipe_size: int) -> None:
         self.src, self.dst = src, dst
@@ -451,7 +487,7 @@ class _Dir:
         except OSError:
             self.cap = 65536
         self.pending = 0
-        self.eof = self.shut = False
+        self.eof = self.shut = self.full = False
         self.moved = 0
 
     def close(self) -> None:
@@ -467,7 +503,8 @@ class RelayResult(NamedTuple):
 
 def relay(client: socket.socket, local: socket.socket, stop: Optional[threading.Event] = None,
           idle_timeout: float = 300.0, pipe_size: int = PIPE_SIZE,
-          on_client_bytes: Optional[Callable[[int], None]] = None, tick: float = 0.25) -> RelayResult:
+          on_client_bytes: Optional[Callable[[int], None]] = None, tick: float = 0.25,
+          on_local_bytes: Optional[Callable[[int], None]] = None) -> RelayResult:
     """Copy bytes both ways between two sockets with splice(2) through pipes, in this thread.
 
     local -> client first of all (the resumed body, then later responses); client -> local
@@ -475,8 +512,9 @@ def relay(client: socket.socket, local: socket.socket, stop: Optional[threading.
     error or reset of either side, after idle_timeout seconds without a byte either way, or
     when `stop` is set (checked every `tick`). A client FIN is passed on as a shutdown of the
     local socket's sending side; the relay then waits for the local side. on_client_bytes(n)
-    is called with the running total after each write to the client. The sockets are left
-    non-blocking and open (the caller closes them)."""
+    is called with the running total after each write to the client, on_local_bytes(n) after
+    each write to the local server. The sockets are left non-blocking and open (the caller
+    closes them)."""
     client.setblocking(False)
     local.setblocking(False)
     down = _Dir(local, client, pipe_size)  # local -> client
@@ -495,7 +533,7 @@ def relay(client: socket.socket, local: socket.socket, stop: Optional[threading.
                 break
             masks = {cfd: 0, lfd: 0}
             for d in (down, up):
-                if not d.eof and d.pending < d.cap:
+                if not d.eof and d.pending < d.cap and not d.full:
                     masks[d.src.fileno()] |= _IN
                 if d.pending:
                     masks[d.dst.fileno()] |= _OUT
@@ -521,11 +559,12 @@ def relay(client: socket.socket, local: socket.socket, stop: Optional[threading.
             eofs_before = down.eof + up.eof
             for d in (down, up):
                 sfd, dfd = d.src.fileno(), d.dst.fileno()
-                if not d.eof and d.pending < d.cap and ready.get(sfd, 0) & (_IN | _BAD):
+                if not d.eof and d.pending < d.cap and not d.full and ready.get(sfd, 0) & (_IN | _BAD):
                     try:
                         n = os.splice(sfd, d.w, d.cap - d.pending, flags=_SPLICE_FLAGS)
                     except BlockingIOError:
                         n = -1
+                        d.full = d.pending > 0  # the pipe's buffers are all taken: wait for the sink
                     except OSError as exc:
                         end = f"{names[sfd]} error: {exc.strerror or exc}"
                         break
@@ -545,9 +584,13 @@ def relay(client: socket.socket, local: socket.socket, stop: Optional[threading.
                     if n > 0:
                         d.pending -= n
                         d.moved += n
+                        d.full = False
                         last_move = now
-                        if d is down and on_client_bytes is not None:
-                            on_client_bytes(d.moved)
+                        if d is down:
+                            if on_client_bytes is not None:
+                                on_client_bytes(d.moved)
+                        elif on_local_bytes is not None:
+                            on_local_bytes(d.moved)
                 if d.eof and not d.pending:
                     if d is down:
                         end = "local closed"
@@ -579,6 +622,7 @@ def relay(client: socket.socket, local: socket.socket, stop: Optional[threading.
 # --- Receiving SYN/ACKs: a classic BPF filter for a raw TCP socket ----------------------------------
 
 SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
 _LDB_ABS, _LDH_ABS, _LDXB_MSH, _LDH_IND, _LDB_IND = 0x30, 0x28, 0xB1, 0x48, 0x50
 _LDX_IMM, _JEQ, _JSET, _AND, _RET = 0x01, 0x15, 0x45, 0x54, 0x06
 
@@ -641,8 +685,12 @@ class _Receiver:
             attach_filter(sock, synack_filter(ports, family == socket.AF_INET))
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            try:  # a mass failover brings a SYN/ACK per connection at once
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.setblocking(False)
-            while True:  # what arrived before the filter was attached
+            for _ in range(100_000):  # what arrived before the filter was attached
                 try:
                     sock.recv(65536)
                 except BlockingIOError:
@@ -702,6 +750,7 @@ class _Takeover:
     first_byte: Optional[float] = None
     ended: Optional[float] = None
     reason: str = ""
+    owned: object = None  # the sync.Entry this replica advertises for it while relaying
 
     def row(self, now: float) -> dict:
         p = self.plan
@@ -735,6 +784,12 @@ class TakeoverEngine:
     socket_factory: builds the socket from RepairParams (default repair.repaired_socket).
     max_active: takeovers at once (each relay holds 2 sockets, 2 pipes and a thread);
         more are failed at start ("busy").
+    on_owned(entry) / on_released(entry): this replica now serves the connection and should
+        advertise `entry` to its group (owned_entry(): A's entry with B's address, port and
+        the ReqNo used), so that a later takeover from B (a cascade) works; released when
+        the relay ends, or when the client sends a later request (the entry would be stale:
+        the relay does not parse the responses it splices). Called in the loop's thread when
+        a loop is attached. owned_entries() lists the current ones.
 
     Drive it with attach(loop) (asyncio), or call on_readable(now), poll(now) and
     next_deadline() from any loop; start(), abort(), on_readable() and poll() belong to one
@@ -745,7 +800,8 @@ class TakeoverEngine:
                  injector=None, *, http_host: Optional[str] = None, initial_rto: float = INITIAL_RTO,
                  backoff: float = BACKOFF, give_up: float = GIVE_UP, receiver: bool = True,
                  socket_factory: Optional[Callable] = None, max_active: int = 256, fetch_timeout: float = 5.0,
-                 idle_timeout: float = 300.0, pipe_size: int = PIPE_SIZE, keep_finished: int = 100) -> None:
+                 idle_timeout: float = 300.0, pipe_size: int = PIPE_SIZE, keep_finished: int = 100,
+                 on_owned: Optional[Callable] = None, on_released: Optional[Callable] = None) -> None:
         self.local_ip = str(ipaddress.ip_address(local_ip))
         self.local_packed = fp.pack_address(self.local_ip)
         self.family = socket.AF_INET6 if len(self.local_packed) == 16 else socket.AF_INET
@@ -754,6 +810,7 @@ class TakeoverEngine:
             raise ValueError("at least one service port")
         self.http_addr = (http_host or self.local_ip, int(http_port))
         self.on_event = on_event
+        self.on_owned, self.on_released = on_owned, on_released
         if injector is None:
             from .inject import RawInjector
             injector = RawInjector()
@@ -786,23 +843,41 @@ class TakeoverEngine:
         base.update(fields)
         base["mono"] = mono
         base["wall"] = time.time()
-        if self.on_event is None:
-            return
+        if self.on_event is not None:
+            self._in_loop(self.on_event, kind, **base)
+
+    def _in_loop(self, fn: Callable, *args, **kw) -> None:
+        """Call fn in the loop's thread when a loop is attached (else here, serialized)."""
         loop = self._loop
         if loop is not None and threading.current_thread() is not self._loop_thread:
             try:
-                loop.call_soon_threadsafe(self._deliver, kind, base)
+                loop.call_soon_threadsafe(lambda: self._call(fn, args, kw))
                 return
-            except RuntimeError:  # the loop is closed: deliver here
+            except RuntimeError:  # the loop is closed: call here
                 pass
-        self._deliver(kind, base)
+        self._call(fn, args, kw)
 
-    def _deliver(self, kind: str, fields: dict) -> None:
+    def _call(self, fn: Callable, args, kw) -> None:
         with self._event_lock:
             try:
-                self.on_event(kind, **fields)
+                fn(*args, **kw)
             except Exception:  # a reporting bug must not break a takeover
                 pass
+
+    def _own(self, t: _Takeover, entry) -> None:
+        t.owned = entry
+        if entry is not None and self.on_owned is not None:
+            self._in_loop(self.on_owned, entry)
+
+    def _release(self, t: _Takeover) -> None:
+        entry, t.owned = t.owned, None
+        if entry is not None and self.on_released is not None:
+            self._in_loop(self.on_released, entry)
+
+    def owned_entries(self) -> list:
+        """The entries this replica should advertise for connections it took over."""
+        with self._lock:
+            return [t.owned for t in self._active.values() if t.owned is not None]
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -996,10 +1071,14 @@ class TakeoverEngine:
             try:
                 if plan.kind == RESUME:
                     t.local, _ = open_range(self.http_addr, e, plan.offset, self.fetch_timeout, self._host())
+                    owned = owned_entry(e, t.hs.local, t.hs.local_port, t.hs.reqno)
                 else:
                     t.local = connect_local(self.http_addr, self.fetch_timeout)
+                    owned = owned_entry(e, t.hs.local, t.hs.local_port, t.hs.reqno)
                     if plan.kind == WHOLE:
                         t.local.sendall(whole_request(e, self._host()))
+                        head = read_head(t.local, time.monotonic() + self.fetch_timeout, consume=False)
+                        owned = owned_entry(e, t.hs.local, t.hs.local_port, t.hs.reqno, head)
             except (Refused, OSError) as exc:
                 self._refuse(t, str(exc) if isinstance(exc, Refused) else f"local server: {exc}")
                 return
@@ -1011,7 +1090,12 @@ class TakeoverEngine:
             extra = {"beyond": plan.beyond} if plan.kind == ADOPT else {}
             self._emit(t, "resumed", mode=mode, offset=plan.offset, bytes_left=plan.bytes_left, **extra)
             t.phase = "relaying"
+            self._own(t, owned)
             mark = plan.bytes_left if plan.kind == RESUME else None
+
+            def later_request(total: int) -> None:
+                if t.owned is not None:  # the advertised response is no longer the current one
+                    self._release(t)
 
             def progress(total: int) -> None:
                 nonlocal mark
@@ -1023,7 +1107,9 @@ class TakeoverEngine:
                     mark = None
                     self._emit(t, "body_sent", bytes=total, seconds=round(time.monotonic() - t.first_byte, 6))
 
-            res = relay(t.sock, t.local, t.stop, self.idle_timeout, self.pipe_size, progress)
+            res = relay(t.sock, t.local, t.stop, self.idle_timeout, self.pipe_size, progress,
+                        on_local_bytes=later_request)
+            self._release(t)
             t.to_client, t.to_local = res.to_client, res.to_local
             if res.end == "stopped":  # abort() or close(): the client must not take it for a clean end
                 self._close_sockets(t, reset=True)
@@ -1038,6 +1124,7 @@ class TakeoverEngine:
             self._close_sockets(t, reset=True)
             self._fail(t, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self._release(t)
             self._close_sockets(t, reset=False)
 
     def _host(self) -> str:

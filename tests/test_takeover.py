@@ -825,3 +825,54 @@ def test_engine_abort_and_close(docroot):
     finally:
         eng.close()
         client.close()
+
+
+def test_owned_entry_is_as_with_bs_address_and_the_reqno_used():
+    e = make_entry(reqno=3)
+    b = socket.inet_aton(B_IP)
+    o = tk.owned_entry(e, b, 8080, 4)
+    assert o.key == (e.client_ip, 40000, b, 8080) and o.reqno == 4
+    assert (o.ni, o.na, o.body_start, o.body_offset, o.body_length, o.object) == \
+        (e.ni, e.na, e.body_start, 0, 10000, e.object)
+    head = tk.parse_head(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 50\r\nContent-Range: bytes 10-59/900\r\n"
+                         b"ETag: \"b\"\r\n\r\n")
+    w = tk.owned_entry(e, b, 80, 4, head)
+    assert (w.status, w.body_start, w.body_offset, w.body_length) == (206, e.na + 1 + head.length, 10, 50)
+    assert w.object.total_length == 900 and w.object.etag == '"b"' and w.object.last_modified is None
+    chunked = tk.parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert tk.owned_entry(e, b, 80, 4, chunked) is None
+
+
+def test_engine_reports_what_it_now_owns(docroot):
+    events, client, owned, released = [], FakeClient(), [], []
+    eng = make_engine(docroot, client, events, on_owned=owned.append, on_released=released.append)
+    try:
+        e = served_entry(docroot, reqno=9)
+        eng.start(e)
+        eng.feed(synack(e, ack=e.body_start + 250_000, src="127.0.0.1", dst="127.0.0.1"))
+        assert _recv_n(client.peer, 50_000) == docroot["data"][250_000:]
+        wait_for(events, "body_sent")
+        [o] = owned
+        assert o.reqno == 10 and o.server_ip == socket.inet_aton("127.0.0.1") and o.server_port == 80
+        assert eng.owned_entries() == [o] and released == []
+        client.peer.sendall(b"GET /small.txt HTTP/1.1\r\nHost: x\r\n\r\n")  # a later request: stale now
+        assert client.peer.recv(4096).endswith(b"hello, again\n")
+        assert released == [o] and eng.owned_entries() == []
+        client.peer.close()
+        client.peer = None
+        wait_for(events, "done")
+        assert released == [o]
+
+        e2 = served_entry(docroot, client_port=40030)
+        eng.start(e2)
+        eng.feed(synack(e2, ack=e2.na + 1, src="127.0.0.1", dst="127.0.0.1"))
+        deadline = time.monotonic() + 5
+        while len(owned) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        w = owned[1]
+        head = client.peer.recv(4096, socket.MSG_PEEK)
+        assert w.body_start == (e2.na + 1 + head.index(b"\r\n\r\n") + 4) & 0xFFFFFFFF
+        assert w.status == 200 and w.body_length == 300_000 and w.object.etag == docroot["obj"].etag
+    finally:
+        eng.close()
+        client.close()
