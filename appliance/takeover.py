@@ -45,7 +45,26 @@ the raw sockets, the handshakes, the workers and the counters, with an asyncio a
     failed            reason: the takeover could not happen (no SYN/ACK, RST, repair error)
 
 Each event also has client, client_port, server, server_port (A's), mono (time.monotonic())
-and wall (time.time()) of the moment it happened, and ms since the takeover's start.
+and wall (time.time()) of the moment it happened, and since_start_ms.
+
+Running it in the server appliance (appliance/server.py)::
+
+    engine = TakeoverEngine(local_ip, service_ports, http_port,
+                            on_event=lambda kind, **f: writer.event(kind, **f),
+                            on_owned=lambda e: group.local_add(e, time.monotonic()),
+                            on_released=lambda e: group.local_remove(e.key, time.monotonic()))
+    engine.attach(loop)                      # in the loop's thread
+    for action in group.pop_actions():       # selection.TakeoverAction
+        engine.start(action)
+    snapshot["takeover"] = engine.snapshot()
+    engine.close()                           # at shutdown
+
+What the client appliance must guarantee (besides the protocol above): the SYN/ACK's ack
+is the client's exact rcv_nxt. Segments of the old server already passed to the client but
+not yet acknowledged by it (delayed ACK; a planned migration with A still sending) make a
+stale ack, and if B starts more than its initial window (~14 KB) behind, the connection
+stalls for good (notes/tcp-repair.md, pitfall 6): answer only once the client's ACK covers
+the last byte forwarded from the old server (bounded wait), or elicit a fresh ACK first.
 """
 
 from __future__ import annotations
@@ -74,6 +93,7 @@ from . import repair
 __all__ = [
     "Handshake", "RepairParams", "SynAck", "Plan", "plan_resume", "Refused", "range_request",
     "whole_request", "check_range_head", "read_head", "open_range", "relay", "synack_filter", "owned_entry",
+    "interface_ipv4",
     "TakeoverEngine", "SENT", "ANSWERED", "RESET", "EXPIRED", "RESUME", "ADOPT", "WHOLE", "REFUSE",
 ]
 
@@ -727,6 +747,18 @@ class _Receiver:
 
     def close(self) -> None:
         self.sock.close()
+
+
+SIOCGIFADDR = 0x8915
+
+
+def interface_ipv4(iface: str) -> str:
+    """The IPv4 address of an interface (e.g. service.iface), for TakeoverEngine's local_ip.
+    Raises OSError (EADDRNOTAVAIL, ENODEV) when it has none or does not exist."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16s16x", iface.encode()[:15])
+        res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, ifreq)
+    return socket.inet_ntoa(res[20:24])
 
 
 # --- The engine ------------------------------------------------------------------------------------

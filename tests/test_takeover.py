@@ -876,3 +876,9 @@ def test_engine_reports_what_it_now_owns(docroot):
     finally:
         eng.close()
         client.close()
+
+
+def test_interface_ipv4():
+    assert tk.interface_ipv4("lo") == "127.0.0.1"
+    with pytest.raises(OSError):
+        tk.interface_ipv4("no-such-if0")
