@@ -24,6 +24,10 @@ network namespace), EADDRNOTAVAIL at connect (the 4-tuple is taken: the old serv
 still exists in this namespace, or a repaired socket for it already does), EADDRNOTAVAIL at
 bind (the local address is not on this host).
 
+`mark_sent()` appends bytes the peer already has to the send queue as sent: the fix when
+snd_nxt turned out behind the peer's rcv_nxt (a stale SYN/ACK ack), which otherwise stalls
+the connection for good (notes, pitfall 6).
+
 `silent_close()` and `read_state()` are the other half of the notes' experiment: close a
 live socket without a FIN or RST, and read a live socket's sequence state (both in repair
 mode; used by the tests, and useful for planned migration from a cooperating host).
@@ -52,7 +56,8 @@ MAX_WINDOW = 1 << 30  # the largest window a scaled 16-bit field can say (65535 
 DEFAULT_MSS = 536  # RFC 879: what a peer that sent no MSS option accepts
 MASK32 = 0xFFFFFFFF
 
-__all__ = ["RepairError", "repaired_socket", "even_timestamp", "silent_close", "read_state", "SocketState"]
+__all__ = ["RepairError", "repaired_socket", "even_timestamp", "mark_sent", "silent_close", "read_state",
+           "SocketState"]
 
 
 class RepairError(OSError):
@@ -192,6 +197,37 @@ def repaired_socket(local: Tuple[str, int], remote: Tuple[str, int], rcv_nxt: in
             raise
         raise _explain(step, exc, local, remote) from None
     return sock
+
+
+def mark_sent(sock: socket.socket, data: bytes, window_probe: bool = True) -> None:
+    """Append `data` to a connected socket's send queue as already sent (not transmitted).
+
+    For a socket whose snd_nxt turned out to be behind the peer's rcv_nxt: the peer has
+    these bytes, so B only has to count them as sent (repair mode, SEND queue: the kernel
+    moves them to the retransmit queue without transmitting), after which the peer's ACKs
+    are no longer "ACKs of unsent data". They must be the right bytes: they are
+    retransmitted if the peer does not acknowledge them. Leaves repair mode with a window
+    probe (which makes the peer acknowledge them at once) unless window_probe is False."""
+    if not data:
+        return
+    need = 2 * len(data) + (256 << 10)
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < need:
+            sock.setsockopt(socket.SOL_SOCKET, 32, need)  # SO_SNDBUFFORCE
+    except OSError:
+        pass
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        timeout = sock.gettimeout()
+        sock.settimeout(2.0)
+        try:
+            sock.sendall(data)
+        finally:
+            sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF if window_probe else TCP_REPAIR_OFF_NO_WP)
 
 
 def silent_close(sock: socket.socket) -> None:

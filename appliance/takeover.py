@@ -39,6 +39,8 @@ the raw sockets, the handshakes, the workers and the counters, with an asyncio a
     repaired          ms (since start), repair_ms (the syscalls), plan
     resumed           mode (resume/adopt/whole), offset, bytes_left
     first_byte        ms: the first byte written to the client's socket
+    resynced          stale_ack, ack, gap: the client was ahead of its SYN/ACK; fixed
+    ack_unverified    waited_ms: no answer to the window probe seen (carried on as planned)
     body_sent         bytes, seconds: the resumed range is all written (mode resume only)
     refused           reason: B reset the client connection on purpose
     done              bytes, bytes_from_client, seconds, end
@@ -93,7 +95,7 @@ from . import repair
 __all__ = [
     "Handshake", "RepairParams", "SynAck", "Plan", "plan_resume", "Refused", "range_request",
     "whole_request", "check_range_head", "read_head", "open_range", "relay", "synack_filter", "owned_entry",
-    "interface_ipv4",
+    "interface_ipv4", "tuple_filter", "ClientAck",
     "TakeoverEngine", "SENT", "ANSWERED", "RESET", "EXPIRED", "RESUME", "ADOPT", "WHOLE", "REFUSE",
 ]
 
@@ -103,6 +105,7 @@ BACKOFF = 2.0
 GIVE_UP = 3.0
 MAX_HEAD = 65536
 PIPE_SIZE = 1 << 20
+MAX_RESYNC = 4 << 20  # bytes a stale SYN/ACK ack may be behind the client and still be fixed
 
 SENT, ANSWERED, RESET, EXPIRED = "sent", "answered", "reset", "expired"
 RESUME, ADOPT, WHOLE, REFUSE = "resume", "adopt", "whole", "refuse"
@@ -457,6 +460,23 @@ def owned_entry(entry, local: bytes, local_port: int, reqno: int, head: Optional
                    body_offset=offset, body_length=length)
 
 
+def _recv_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Refused("local server: the body did not come in time")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(min(n - len(buf), 1 << 20))
+        except socket.timeout:
+            continue
+        if not chunk:
+            raise Refused("local server: the body ended early")
+        buf += chunk
+    return bytes(buf)
+
+
 def connect_local(addr: Tuple[str, int], timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection(addr, timeout=timeout)
@@ -749,6 +769,81 @@ class _Receiver:
         self.sock.close()
 
 
+_LD_ABS = 0x20
+
+
+def tuple_filter(client_ip: bytes, client_port: int, local_port: int) -> List[Tuple[int, int, int, int]]:
+    """A classic BPF program for a raw TCP socket admitting only ACK-carrying segments from
+    client_ip:client_port to local_port (IPv4; for IPv6, whose raw sockets see no IP header,
+    the ports only: check the source address when reading)."""
+    prog: list = []
+    if len(client_ip) == 4:
+        prog += [[_LDB_ABS, 0, 0, 9], [_JEQ, 0, "drop", 6], [_LDH_ABS, 0, 0, 6], [_JSET, "drop", 0, 0x1FFF],
+                 [_LD_ABS, 0, 0, 12], [_JEQ, 0, "drop", int.from_bytes(client_ip, "big")], [_LDXB_MSH, 0, 0, 0]]
+    else:
+        prog.append([_LDX_IMM, 0, 0, 0])
+    prog += [[_LDH_IND, 0, 0, 0], [_JEQ, 0, "drop", client_port], [_LDH_IND, 0, 0, 2], [_JEQ, 0, "drop", local_port],
+             [_LDB_IND, 0, 0, 13], [_JSET, 0, "drop", 0x10], [_RET, 0, 0, 0x40000], [_RET, 0, 0, 0]]
+    drop = len(prog) - 1
+    return [(c, drop - i - 1 if jt == "drop" else jt, drop - i - 1 if jf == "drop" else jf, k)
+            for i, (c, jt, jf, k) in enumerate(prog)]
+
+
+class ClientAck(NamedTuple):
+    seq: int
+    ack: int  # the client's rcv_nxt as it really is
+    window: int
+    tsval: Optional[int]
+    tsecr: Optional[int]
+
+
+class _AckWatch:
+    """Sees the client's first segment to a repaired socket: its answer to the window probe,
+    which carries the client's real rcv_nxt. Opened before the repair, read once, closed."""
+
+    def __init__(self, client_ip: bytes, client_port: int, local: bytes, local_port: int) -> None:
+        self.family = socket.AF_INET if len(client_ip) == 4 else socket.AF_INET6
+        self.client_ip, self.local = client_ip, local
+        sock = socket.socket(self.family, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        try:
+            attach_filter(sock, tuple_filter(client_ip, client_port, local_port))
+            sock.setblocking(False)
+            for _ in range(10_000):
+                try:
+                    sock.recv(65536)
+                except BlockingIOError:
+                    break
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def first_ack(self, deadline: float) -> Optional[ClientAck]:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([self.sock], [], [], left)
+            if not r:
+                return None
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except BlockingIOError:
+                continue
+            if self.family == socket.AF_INET6:
+                if socket.inet_pton(socket.AF_INET6, addr[0].split("%")[0]) != self.client_ip:
+                    continue
+                data = struct.pack("!IHBB16s16s", 6 << 28, len(data), socket.IPPROTO_TCP, 64, self.client_ip,
+                                   self.local) + data
+            v = fp.parse(data, fp.LINK_RAW)
+            if v.is_tcp and v.flags & fp.ACK and not v.flags & (fp.SYN | fp.RST):
+                ts = bool(v.opts & fp.HAS_TIMESTAMPS)
+                return ClientAck(v.seq, v.ack, v.window, v.tsval if ts else None, v.tsecr if ts else None)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 SIOCGIFADDR = 0x8915
 
 
@@ -783,6 +878,9 @@ class _Takeover:
     ended: Optional[float] = None
     reason: str = ""
     owned: object = None  # the sync.Entry this replica advertises for it while relaying
+    params: Optional[RepairParams] = None
+    watch: Optional[_AckWatch] = None
+    repaired_at: float = 0.0
 
     def row(self, now: float) -> dict:
         p = self.plan
@@ -816,6 +914,13 @@ class TakeoverEngine:
     socket_factory: builds the socket from RepairParams (default repair.repaired_socket).
     max_active: takeovers at once (each relay holds 2 sockets, 2 pipes and a thread);
         more are failed at start ("busy").
+    verify_ack: (default: when receiver is on) check the SYN/ACK's ack against the client's
+        answer to the repaired socket's window probe, read on a raw socket filtered to that
+        one 4-tuple while the local response is fetched. If the client is ahead (a stale
+        ack: bytes of the old server's still unacknowledged when the client appliance
+        answered), the missing bytes (at most max_resync) are marked as sent in the
+        repaired socket (repair.mark_sent) and the resume point moves up: a "resynced"
+        event. Without this a gap larger than the initial window stalls the connection.
     on_owned(entry) / on_released(entry): this replica now serves the connection and should
         advertise `entry` to its group (owned_entry(): A's entry with B's address, port and
         the ReqNo used), so that a later takeover from B (a cascade) works; released when
@@ -833,7 +938,8 @@ class TakeoverEngine:
                  backoff: float = BACKOFF, give_up: float = GIVE_UP, receiver: bool = True,
                  socket_factory: Optional[Callable] = None, max_active: int = 256, fetch_timeout: float = 5.0,
                  idle_timeout: float = 300.0, pipe_size: int = PIPE_SIZE, keep_finished: int = 100,
-                 on_owned: Optional[Callable] = None, on_released: Optional[Callable] = None) -> None:
+                 on_owned: Optional[Callable] = None, on_released: Optional[Callable] = None,
+                 verify_ack: Optional[bool] = None, max_resync: int = MAX_RESYNC) -> None:
         self.local_ip = str(ipaddress.ip_address(local_ip))
         self.local_packed = fp.pack_address(self.local_ip)
         self.family = socket.AF_INET6 if len(self.local_packed) == 16 else socket.AF_INET
@@ -852,6 +958,8 @@ class TakeoverEngine:
         self.max_active = max_active
         self.fetch_timeout, self.idle_timeout, self.pipe_size = fetch_timeout, idle_timeout, pipe_size
         self._receiver = _Receiver(self.family, self.service_ports) if receiver else None
+        self.verify_ack = receiver if verify_ack is None else verify_ack
+        self.max_resync = max_resync
         self._lock = threading.Lock()
         self._event_lock = threading.Lock()
         self._active: "OrderedDict[tuple, _Takeover]" = OrderedDict()
@@ -1077,17 +1185,25 @@ class TakeoverEngine:
     def _takeover(self, t: _Takeover, params: RepairParams) -> None:
         t.phase = "repairing"
         t.plan = plan = plan_resume(t.entry, params.snd_nxt)
+        t.params = params
+        if self.verify_ack and plan.kind in (RESUME, ADOPT):
+            try:
+                t.watch = _AckWatch(t.entry.client_ip, t.entry.client_port, t.hs.local, t.hs.local_port)
+            except OSError:
+                t.watch = None  # no raw socket: go without the check
         r0 = time.monotonic()
         try:
             t.sock = self.socket_factory(**params.kwargs())
         except (OSError, ValueError) as exc:
+            self._close_watch(t)
             self._fail(t, f"repair: {exc}")
             return
-        r1 = time.monotonic()
+        r1 = t.repaired_at = time.monotonic()
         self._count("repaired")
         self._emit(t, "repaired", ms=round((r1 - t.started) * 1000, 3), repair_ms=round((r1 - r0) * 1000, 3),
                    plan=plan.kind)
         if plan.kind == REFUSE:
+            self._close_watch(t)
             self._refuse(t, plan.reason)
             return
         t.stop = threading.Event()
@@ -1111,6 +1227,9 @@ class TakeoverEngine:
                         t.local.sendall(whole_request(e, self._host()))
                         head = read_head(t.local, time.monotonic() + self.fetch_timeout, consume=False)
                         owned = owned_entry(e, t.hs.local, t.hs.local_port, t.hs.reqno, head)
+                if t.watch is not None:
+                    self._check_ack(t)
+                    plan = t.plan
             except (Refused, OSError) as exc:
                 self._refuse(t, str(exc) if isinstance(exc, Refused) else f"local server: {exc}")
                 return
@@ -1156,8 +1275,42 @@ class TakeoverEngine:
             self._close_sockets(t, reset=True)
             self._fail(t, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self._close_watch(t)
             self._release(t)
             self._close_sockets(t, reset=False)
+
+    def _close_watch(self, t: _Takeover) -> None:
+        w, t.watch = t.watch, None
+        if w is not None:
+            w.close()
+
+    def _check_ack(self, t: _Takeover) -> None:
+        """The client's answer to the window probe against the SYN/ACK: fix a stale ack."""
+        rtt = t.hs.synack.rtt if t.hs.synack is not None else 0.0
+        wait = min(1.0, max(0.05, 4 * rtt))
+        try:
+            reply = t.watch.first_ack(max(t.repaired_at + wait, time.monotonic() + 0.001))
+        finally:
+            self._close_watch(t)
+        if reply is None:
+            self._emit(t, "ack_unverified", waited_ms=round(wait * 1000, 3))
+            return
+        gap = fp.seq_diff(reply.ack, t.params.snd_nxt)
+        if gap <= 0:  # as the SYN/ACK said (behind it: an older segment; nothing to fix)
+            return
+        plan = t.plan
+        if gap > self.max_resync:
+            raise Refused(f"the client is {gap} bytes past its SYN/ACK (more than {self.max_resync})")
+        if plan.kind == RESUME and gap <= plan.bytes_left:
+            data = _recv_exactly(t.local, gap, time.monotonic() + self.fetch_timeout)
+            t.plan = plan._replace(offset=plan.offset + gap, bytes_left=plan.bytes_left - gap)
+        elif plan.kind == ADOPT:
+            data = bytes(gap)  # bytes the client has and will never ask for again
+            t.plan = plan._replace(beyond=plan.beyond + gap)
+        else:
+            raise Refused(f"the client is {gap} bytes past its SYN/ACK, beyond the advertised response")
+        repair.mark_sent(t.sock, data)
+        self._emit(t, "resynced", stale_ack=t.params.snd_nxt, ack=reply.ack, gap=gap)
 
     def _host(self) -> str:
         return self.http_addr[0] if ":" not in self.http_addr[0] else f"[{self.http_addr[0]}]"

@@ -236,8 +236,9 @@ class NfQueueShim:
     SYN from B when answer_migrate is set) it rewrites client->A into client->B and B->client
     into A->client, drops everything from A and B's RSTs until B's first ACK."""
 
-    def __init__(self, topo: Topology, queue: int = 7, answer_migrate: bool = False) -> None:
+    def __init__(self, topo: Topology, queue: int = 7, answer_migrate: bool = False, ack_behind: int = 0) -> None:
         self.topo, self.queue, self.answer_migrate = topo, queue, answer_migrate
+        self.ack_behind = ack_behind  # a deliberately stale SYN/ACK ack (bytes behind the client's rcv_nxt)
         self.state = {}
         self.migrated = False
         self.pending = None
@@ -367,6 +368,7 @@ class NfQueueShim:
             return
         self.pending = None
         s = self.synack_values()
+        s["ack"] = (s["ack"] - self.ack_behind) & 0xFFFFFFFF
         ts = (s["tsval"], s["tsecr"]) if st.get("c_ts") and st.get("s_ts") else (None, None)
         self.injector.send(fp.build_migrate_synack(C_IP, B_IP, dport, sport, s["seq"], s["ack"], s["window"],
                                                    tsval=ts[0], tsecr=ts[1]))

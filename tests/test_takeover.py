@@ -882,3 +882,27 @@ def test_interface_ipv4():
     assert tk.interface_ipv4("lo") == "127.0.0.1"
     with pytest.raises(OSError):
         tk.interface_ipv4("no-such-if0")
+
+
+@needs_root
+def test_ack_watch_sees_only_the_clients_segments_to_the_repaired_tuple():
+    from appliance.inject import RawInjector
+
+    lport, cport = _free_port(), _free_port()
+    lo = socket.inet_aton("127.0.0.1")
+    w = tk._AckWatch(lo, cport, lo, lport)
+    inj = RawInjector()
+    try:
+        inj.send(fp.build_tcp("127.0.0.1", "127.0.0.1", cport, lport, 0x33330001, 7, fp.SYN))  # no ACK flag
+        inj.send(fp.build_tcp("127.0.0.1", "127.0.0.1", cport + 1, lport, 0x33330002, 7, fp.ACK))  # other port
+        inj.send(fp.build_tcp("127.0.0.1", "127.0.0.1", cport, lport, 0x33330003, 0x44440003, fp.ACK, 300,
+                              bytes((1, 1)) + fp.opt_timestamps(5, 6)))
+        got = w.first_ack(time.monotonic() + 2)
+        assert got == tk.ClientAck(0x33330003, 0x44440003, 300, 5, 6)
+        assert w.first_ack(time.monotonic() + 0.05) is None
+    finally:
+        w.close()
+        inj.close()
+    prog = tk.tuple_filter(lo, cport, lport)
+    assert prog[-1] == (0x06, 0, 0, 0) and all(i + 1 + jf < len(prog) for i, (c, jt, jf, k) in enumerate(prog)
+                                               if c & 0x07 == 0x05)

@@ -9,8 +9,11 @@ peer would have advertised and does the real thing: Migrate SYN through a raw so
 SYN/ACK from the shim (which checks Token and Request like the client appliance), TCP_REPAIR
 socket, Range request to B's own HTTP server, splice. The client must receive every byte
 exactly once, then send a second request on the same connection, answered by B's server
-through the relay. A third case: B's copy of the object differs (another Last-Modified),
-so B refuses and the client's connection is reset.
+through the relay. "stale": the stand-in answers with an ack 60000 bytes behind the
+client's rcv_nxt (what a client appliance does if it answers before the client acknowledged
+the old server's last segments); B must see the client's real rcv_nxt in the answer to its
+window probe and fix it, else the connection stalls. Last case: B's copy of the object
+differs (another Last-Modified), so B refuses and the client's connection is reset.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from appliance.takeover import TakeoverEngine
 pytestmark = [pytest.mark.lab, tr.needs_netns]
 
 SIZE = 8 << 20
+STALE = 60_000  # a SYN/ACK ack this far behind the client stalls B for good unless it is caught
 PORT = tr.PORT
 
 
@@ -184,7 +188,7 @@ def run_case(tmp_path, mode: str):
         os.utime(b_root / "big.bin", (time.time() - 86400, time.time() - 86400))
     result, half = {}, threading.Event()
     with tr.Topology() as topo:
-        shim = tr.NfQueueShim(topo, answer_migrate=True)
+        shim = tr.NfQueueShim(topo, answer_migrate=True, ack_behind=STALE if mode == "stale" else 0)
         a_srv = serve_in(topo.ns("a"), root, tr.A_IP)
         b_srv = serve_in(topo.ns("b"), b_root, tr.B_IP)
         eng = EngineThread(topo.ns("b"))
@@ -214,7 +218,7 @@ def run_case(tmp_path, mode: str):
     return result, body, eng.events, final, shim, t_crash
 
 
-@pytest.mark.parametrize("mode", ["crash", "planned"])
+@pytest.mark.parametrize("mode", ["crash", "planned", "stale"])
 def test_engine_continues_the_download_at_the_exact_next_byte(tmp_path, mode):
     result, body, events, done, shim, t_crash = run_case(tmp_path, mode)
     assert "error" not in result, result["error"]
@@ -229,6 +233,12 @@ def test_engine_continues_the_download_at_the_exact_next_byte(tmp_path, mode):
     assert ev["resumed"]["offset"] + ev["resumed"]["bytes_left"] == SIZE
     assert done["bytes_from_client"] == len(b"GET /small.txt HTTP/1.1\r\nHost: a.example\r\n\r\n")
     assert shim.counts["synacks"] == 1
+    if mode == "stale":  # B saw the client's real rcv_nxt in its answer to the window probe
+        assert ev["resynced"]["gap"] == STALE
+        assert ev["resumed"]["offset"] - ev["resynced"]["gap"] + result["head_len"] == \
+            (ev["synack"]["ack"] - shim.state["na"] - 1) & 0xFFFFFFFF
+    else:
+        assert "resynced" not in ev
     first = ev["first_byte"]["mono"] - t_crash
     print(f"\n{mode}: offset {ev['resumed']['offset']}, SYN/ACK rtt {ev['synack']['rtt_ms']} ms, repaired at "
           f"{ev['repaired']['ms']} ms (syscalls {ev['repaired']['repair_ms']} ms), first byte "
