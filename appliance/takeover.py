@@ -61,12 +61,15 @@ Running it in the server appliance (appliance/server.py)::
     snapshot["takeover"] = engine.snapshot()
     engine.close()                           # at shutdown
 
-What the client appliance must guarantee (besides the protocol above): the SYN/ACK's ack
+What the client appliance should guarantee (besides the protocol above): the SYN/ACK's ack
 is the client's exact rcv_nxt. Segments of the old server already passed to the client but
 not yet acknowledged by it (delayed ACK; a planned migration with A still sending) make a
 stale ack, and if B starts more than its initial window (~14 KB) behind, the connection
 stalls for good (notes/tcp-repair.md, pitfall 6): answer only once the client's ACK covers
 the last byte forwarded from the old server (bounded wait), or elicit a fresh ACK first.
+B catches it anyway (verify_ack: the client's answer to the window probe carries its real
+rcv_nxt; up to max_resync bytes are fixed, a "resynced" event), at the price of waiting
+for that answer (one RTT, in parallel with the local fetch) before the first byte.
 """
 
 from __future__ import annotations
