@@ -204,7 +204,7 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
     limit = max(0, args.status_max_connections)
     wanted = EVENT_SETS[args.events]
     config = args.group_config
-    group = membership = transport = proto = None
+    group = membership = transport = proto = engine = None
     advertised = {}  # key -> conn id: what this node advertises to its group
 
     if config is not None:
@@ -221,6 +221,22 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
         except OSError as exc:
             return _fail(f"cannot bind the sync socket {config.sync.bind}:{config.sync.port}: {exc.strerror}",
                          writer, **ident)
+        from .takeover import TakeoverEngine, TakeoverError, interface_ipv4
+
+        try:
+            local_ip = interface_ipv4(args.iface)
+            # a connection taken over is this node's to advertise (so that it can move on
+            # again), from the moment B's copy of the response is validated until it ends
+            engine = TakeoverEngine(local_ip, ident["ports"], ident["ports"][0],
+                                    on_event=lambda kind, **f: writer.event(kind, **f),
+                                    on_owned=lambda e: group.local_add(e, time.monotonic()),
+                                    on_released=lambda e: group.local_remove(e.key, time.monotonic()))
+        except (OSError, ValueError, TakeoverError) as exc:
+            return _fail(f"cannot start the takeover engine on {args.iface}: {exc}", writer, **ident)
+        engine.attach(loop)
+
+    def take(entry) -> bool:
+        return engine.start(entry)
 
     def log(events) -> None:
         for ev in events:
@@ -254,6 +270,8 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
             snap["group"] = group.snapshot(time.monotonic())
             snap["membership"] = membership.snapshot()
             snap["sync_socket_errors"] = proto.errors
+            snap["takeover"] = engine.snapshot()
+            snap["address"] = engine.local_ip
         return snap
 
     def drain() -> None:
@@ -284,15 +302,53 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
         for action in group.pop_actions():
             writer.event("takeover", dead=action.dead_node, rank=action.rank, key=_key_fields(action.key),
                          path=getattr(action.entry.object, "path", None))
+            take(action.entry)
 
     control = None
     if args.control != "none":
         from .control import ControlServer, socket_path
 
         path = args.control or socket_path(args.state_dir, "server", args.node)
-        control = ControlServer(path, {"status": lambda req: snapshot()})
+        handlers = {"status": lambda req: snapshot()}
+        if group is not None:
+            handlers["migrate"] = lambda req: _ctl_migrate(req)
+            handlers["drain"] = lambda req: _ctl_drain(req)
+        control = ControlServer(path, handlers)
         await control.start()
         writer.listeners.append(control.publish)
+    def _ctl_migrate(req: dict) -> dict:
+        """Take a connection over from whichever peer holds it (planned migration)."""
+        from .control import ControlError
+        conn = str(req.get("conn", ""))
+        ip, _, port = conn.rpartition(":")
+        try:
+            want = (fp_pack(ip.strip("[]")), int(port))
+        except (ValueError, OSError):
+            raise ControlError(f"conn: want CLIENT_IP:PORT, not {conn!r}") from None
+        for key in group.sync.local_entries():
+            if key[:2] == want:
+                return {"result": "already here"}
+        for peer in group.sync.peers():
+            for key, entry in group.sync.peer_entries(peer).items():
+                if key[:2] == want:
+                    if not take(entry):
+                        raise ControlError(f"cannot take {conn} over now (see the event log)")
+                    return {"result": "started", "from": peer}
+        raise ControlError(f"no connection {conn} in the support group's tables")
+
+    async def _ctl_drain(req: dict) -> dict:
+        """Hand every connection to the group, wait until none is left (or the timeout)."""
+        if req.get("off"):
+            group.drain(False)
+            return {"draining": False}
+        before = group.sync.local_count
+        group.drain(True)
+        deadline = time.monotonic() + float(req.get("timeout", 30.0))
+        while group.sync.local_count and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        left = group.sync.local_count
+        return {"draining": True, "moved": before - left, "left": left}
+
     loop.add_reader(tap.fileno(), drain)
     try:
         if membership is not None:
@@ -323,12 +379,20 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
         return 0
     finally:
         loop.remove_reader(tap.fileno())
+        if engine is not None:
+            engine.detach()
+            engine.close()
         if control is not None:
             await control.stop()
         if membership is not None:
             await membership.stop()
         if transport is not None:
             transport.close()
+
+
+def fp_pack(ip):
+    import _fastpath
+    return _fastpath.pack_address(ip) if ip else b""
 
 
 def _conn_key(conn) -> tuple:
