@@ -118,7 +118,7 @@ NGINX = "/usr/sbin/nginx"
 READY_TIMEOUT = 15.0
 CMD_TIMEOUT = 30.0
 TBF_LATENCY = "400ms"
-LINK_KEYS = {"rate", "delay_ms", "loss", "seed"}
+LINK_KEYS = {"rate", "buffer_ms", "delay_ms", "loss", "seed"}
 NEEDS_ROOT = "needs root: CAP_NET_ADMIN and CAP_SYS_ADMIN to create network namespaces"
 
 
@@ -417,6 +417,13 @@ class Lab:
                 except ValueError as exc:
                     raise LabError(f"links[{key!r}]['rate']: {exc}") from None
                 o["rate"] = str(opts["rate"]) if isinstance(opts["rate"], str) else f"{o['rate_bps']}bit"
+            if opts.get("buffer_ms") is not None:
+                b = opts["buffer_ms"]
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not 50 <= b <= 10000:
+                    raise LabError(f"links[{key!r}]['buffer_ms']: want a number of ms in 50..10000, got {b!r}")
+                if "rate_bps" not in o:
+                    raise LabError(f"links[{key!r}]['buffer_ms']: sizes the rate limiter's queue; give a rate too")
+                o["buffer_ms"] = float(b)
             if opts.get("delay_ms") is not None:
                 d = opts["delay_ms"]
                 if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 10000:
@@ -575,10 +582,11 @@ class Lab:
         self._sh(["ip", "netns", "exec", self.ns(node), "ethtool", "-K", iface, "tx", "off", "tso", "off",
                   "gso", "off"])
 
-    def _tbf(self, node: str, iface: str, rate_bps: int) -> None:
+    def _tbf(self, node: str, iface: str, rate_bps: int, buffer_ms=None) -> None:
         burst = max(1600, int(rate_bps / 8 * 0.004))
+        latency = f"{int(buffer_ms)}ms" if buffer_ms else TBF_LATENCY  # the queue: this long at the rate
         self._sh(["tc", "-n", self.ns(node), "qdisc", "replace", "dev", iface, "root", "tbf", "rate",
-                  f"{rate_bps}bit", "burst", str(burst), "latency", TBF_LATENCY])
+                  f"{rate_bps}bit", "burst", str(burst), "latency", latency])
 
     # -- state ----------------------------------------------------------------------------
 
@@ -749,7 +757,7 @@ class Lab:
             else:
                 ends = [(link, "eth0"), ("r", f"{link}0")]
             for node, iface in ends:
-                self._tbf(node, iface, o["rate_bps"])
+                self._tbf(node, iface, o["rate_bps"], o.get("buffer_ms"))
 
     def _wait_links_up(self, nodes=None, timeout: float = 5.0) -> None:
         """Wait until every interface is operationally up.

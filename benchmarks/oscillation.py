@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--png", metavar="PATH", default="results/oscillation.png")
     ap.add_argument("--duration", type=float, default=None, help="seconds of transfer (default 60, quick 20)")
     ap.add_argument("--rate", default="128kbit")
+    ap.add_argument("--buffer-ms", type=float, default=None,
+                    help="the links' queue in ms at the rate (tbf latency; default the lab's 400 ms)")
     ap.add_argument("--lab-name", default=f"os{os.getpid() % 100000}")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -98,7 +100,9 @@ def main(argv=None) -> int:
     curves = {}
     migrations = {}
     with Lab(args.lab_name, clients=runs, replicas=replicas, client_path="appliance", appliances=True,
-             object_sizes=("4m",), links={r: {"rate": args.rate} for r in replicas}) as lab:
+             object_sizes=("4m",), links={r: {"rate": args.rate, **({"buffer_ms": args.buffer_ms}
+                                                                    if args.buffer_ms else {})}
+                                         for r in replicas}) as lab:
         ok = wait_for(lambda: all(len(((read_status(lab.lab_dir, "server", r) or {}).get("group") or {})
                                       .get("peers", {})) == len(replicas) - 1 for r in replicas), 30)
         if not ok:
@@ -144,9 +148,11 @@ def main(argv=None) -> int:
             c.wait()
         shim = (read_status(lab.lab_dir, "client", "ca") or {}).get("shim", {})
     base = curves[None][-1][1]
-    results = {"duration_s": duration, "rate": args.rate, "seconds": time.monotonic() - started,
+    results = {"duration_s": duration, "rate": args.rate, "buffer_ms": args.buffer_ms or 400,
+               "seconds": time.monotonic() - started,
                "migrations_accepted": shim.get("migrations"), "goodput_none_Bps": base / duration}
-    print(f"\ngoodput over {duration:.0f} s on {args.rate} links (bytes received; ratio to no oscillation)")
+    print(f"\ngoodput over {duration:.0f} s on {args.rate} links with a {args.buffer_ms or 400:.0f} ms queue "
+          f"(bytes received; ratio to no oscillation)")
     print(f"{'migrate every':>14}{'bytes':>12}{'B/s':>10}{'ratio':>8}{'migrations':>12}")
     for period in PERIODS:
         got = curves[period][-1][1]
