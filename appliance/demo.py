@@ -12,7 +12,6 @@ Exit status is non-zero on any failure. The lab is taken down unless --keep is g
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import threading
 import time
 
 from . import docroot
+from .lab import file_sha256, file_size, wait_for
 from .statusfile import read_events, read_status
 
 
@@ -40,29 +40,10 @@ class DemoFailure(Exception):
     pass
 
 
-def _wait(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
-def _size(path) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Scenario:
@@ -88,7 +69,7 @@ class Scenario:
     def _run(self) -> None:
         lab = self.lab
         size = lab.objects[self.path][0]
-        ok = _wait(lambda: all(len(((read_status(lab.lab_dir, "server", r) or {}).get("group") or {})
+        ok = wait_for(lambda: all(len(((read_status(lab.lab_dir, "server", r) or {}).get("group") or {})
                                    .get("peers", {})) == len(lab.replicas) - 1 for r in lab.replicas), 20)
         if not ok:
             raise DemoFailure("the support group did not form (zeroconf discovery)")
@@ -98,11 +79,11 @@ class Scenario:
         self.started = time.time()
         self.curl = lab.popen("c1", ["curl", "-sS", "--max-time", "300", "-o", self.out, url],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if not _wait(lambda: _size(self.out) >= size * self.kill_at or self.curl.poll() is not None, 120):
+        if not wait_for(lambda: file_size(self.out) >= size * self.kill_at or self.curl.poll() is not None, 120):
             raise DemoFailure("the download did not get half-way")
         if self.curl.poll() is not None:
             raise DemoFailure(f"curl ended before the crash: {self.curl.stderr.read().strip()}")
-        self.say(f"{_size(self.out) / 2**20:.1f} MiB received: killing replica a (processes and links)")
+        self.say(f"{file_size(self.out) / 2**20:.1f} MiB received: killing replica a (processes and links)")
         self.killed_at = lab.kill_replica("a")
         try:
             err = self.curl.communicate(timeout=300)[1]
@@ -112,7 +93,7 @@ class Scenario:
         self.curl_done_at = time.time()
         if self.curl.returncode != 0:
             raise DemoFailure(f"curl failed ({self.curl.returncode}): {err.strip()}")
-        self.say(f"curl finished: {_size(self.out):,} bytes")
+        self.say(f"curl finished: {file_size(self.out):,} bytes")
 
 
 def timeline(lab, killed_at: float, started: float) -> list:
@@ -190,7 +171,7 @@ def run(args) -> int:
         if scenario.error is not None:
             raise scenario.error
         expected = lab.objects[path][1]
-        got = _sha256(scenario.out)
+        got = file_sha256(scenario.out)
         print(f"\n  object   sha256 {expected}")
         print(f"  download sha256 {got}  {'EQUAL' if got == expected else 'DIFFERENT'}")
         if got != expected:

@@ -143,6 +143,34 @@ class LabCommandError(subprocess.CalledProcessError):
 SYNC_PORT = 7700
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.05):
+    """Poll predicate until it returns something true or timeout seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def file_sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_size(path) -> int:
+    """A file's size, 0 while it does not exist yet."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def _toml(sections: dict) -> str:
     """A small TOML writer for the group configs (str, bool, int, float, lists of those)."""
     def value(v):

@@ -13,7 +13,6 @@ replica, timed the same way. Needs root (namespaces).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -26,35 +25,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from appliance.lab import Lab  # noqa: E402
+from appliance.lab import Lab, file_sha256, file_size, wait_for  # noqa: E402
 from appliance.statusfile import read_status  # noqa: E402
 
 OBJ = "/obj-20m"
 TARGETS = (("failover_p50_ms", "<=", 150), ("failover_p99_ms", "<=", 400))
 
 
-def size_of(path) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def wait_for(pred, timeout, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
 
 
 def group_alive(lab) -> bool:
@@ -78,7 +59,7 @@ class Watch(threading.Thread):
     def run(self) -> None:
         last = -1
         while not self.stop.is_set():
-            n = size_of(self.path)
+            n = file_size(self.path)
             if n != last:
                 self.samples.append((time.time(), n))
                 last = n
@@ -104,14 +85,14 @@ def trial_migrate(lab, server: str, fraction: float = 0.5) -> float:
     curl = lab.popen("c1", ["curl", "-sS", "--max-time", "120", "-o", out, lab.url(server, OBJ)],
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        if not wait_for(lambda: size_of(out) >= size * fraction, 60, 0.001):
+        if not wait_for(lambda: file_size(out) >= size * fraction, 60, 0.001):
             raise RuntimeError("the download stalled before the crash")
         killed = lab.kill_replica(server)
         err = curl.communicate(timeout=120)[1]
     finally:
         watch.stop.set()
         watch.join()
-    if curl.returncode != 0 or sha256(out) != digest:
+    if curl.returncode != 0 or file_sha256(out) != digest:
         raise RuntimeError(f"the download did not survive: curl {curl.returncode} {err.strip()}")
     t = watch.resumed_after(killed)
     if t is None:
@@ -130,14 +111,14 @@ def trial_curl_retry(lab, server: str, other: str, fraction: float = 0.5) -> flo
               f"|| curl -sS -C - -o {out} {lab.url(other, OBJ)}")
     sh = lab.popen("c1", ["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        if not wait_for(lambda: size_of(out) >= size * fraction, 60, 0.001):
+        if not wait_for(lambda: file_size(out) >= size * fraction, 60, 0.001):
             raise RuntimeError("the download stalled before the crash")
         killed = lab.kill_replica(server)
         sh.communicate(timeout=120)
     finally:
         watch.stop.set()
         watch.join()
-    if sha256(out) != digest:
+    if file_sha256(out) != digest:
         raise RuntimeError("the resumed download differs")
     t = watch.resumed_after(killed)
     return (t - killed) * 1000

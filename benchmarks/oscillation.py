@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from appliance.control import ControlError, call  # noqa: E402
-from appliance.lab import Lab  # noqa: E402
+from appliance.lab import Lab, file_size, wait_for  # noqa: E402
 from appliance.statusfile import read_status  # noqa: E402
 
 PERIODS = (None, 2, 5, 10, 12)  # None: no oscillation
@@ -33,20 +33,8 @@ REPLICAS = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")
 TARGETS = (("goodput_ratio_5s", ">=", 0.95), ("goodput_ratio_2s", ">=", 0.85))
 
 
-def size_of(path) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
-def wait_for(pred, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
 
 
 def label(period) -> str:
@@ -137,10 +125,10 @@ def main(argv=None) -> int:
         while time.monotonic() < t_end:
             now = time.monotonic() - t0
             for period in PERIODS:
-                curves[period].append((now, size_of(outs[period])))
+                curves[period].append((now, file_size(outs[period])))
             time.sleep(0.25)
         for period in PERIODS:
-            curves[period].append((duration, size_of(outs[period])))
+            curves[period].append((duration, file_size(outs[period])))
         for t in threads:
             t.join(15)
         for c in curls.values():

@@ -5,7 +5,6 @@ the bridge, malformed frames counted, and the Migrate-Permitted tag on the wire.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ import time
 import pytest
 
 import labutil
+from appliance.lab import file_sha256, wait_for
 from appliance.statusfile import read_events, read_status
 
 pytestmark = pytest.mark.lab
@@ -31,22 +31,8 @@ def lab(request, netns_ok):
         yield lab
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def wait_for(predicate, timeout=5.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def curl(lab, *args, timeout=60):
@@ -64,7 +50,7 @@ def test_keepalive_downloads_byte_identical(lab, replica):
         r = curl(lab, *args, "-w", "%{num_connects}\n")
         assert r.stdout.split() == ["1", "0", "0"]  # one connection, kept alive for all three
         for p, o in zip(paths, out):
-            assert sha256_file(o) == lab.objects[p][1]
+            assert file_sha256(o) == lab.objects[p][1]
 
 
 @pytest.mark.parametrize("rng", ["100-199", "1000-", "-4096", "5000000-5999999"])
@@ -90,7 +76,7 @@ def test_icmp_and_arp_cross_the_bridge(lab):
     neigh = lab.run("c1", ["ip", "-j", "neigh", "show", "dev", "eth0"]).stdout
     router = [n for n in json.loads(neigh) if n.get("dst") == "10.70.0.1"]
     assert router and router[0].get("lladdr"), neigh  # the ARP reply came back through the appliance
-    table = wait_for(lambda: read_status(lab.lab_dir, "client", "ca")["table"]["non_tcp"] > 0)
+    table = wait_for(lambda: read_status(lab.lab_dir, "client", "ca")["table"]["non_tcp"] > 0, 5)
     assert table
 
 
@@ -118,7 +104,7 @@ def test_malformed_frames_are_counted_and_the_bridge_carries_on(lab):
     before = read_status(lab.lab_dir, "client", "ca")["table"]
     _send_raw(lab, frames)
     after = wait_for(lambda: (s := read_status(lab.lab_dir, "client", "ca")["table"])["malformed"]
-                     >= before["malformed"] + 3 and s)
+                     >= before["malformed"] + 3 and s, 5)
     assert after, "malformed frames were not counted"
     errs, errs0 = after["errors"], before["errors"]
     assert errs["BAD_IHL"] > errs0["BAD_IHL"]
@@ -128,7 +114,7 @@ def test_malformed_frames_are_counted_and_the_bridge_carries_on(lab):
     # and the bridge still forwards
     with tempfile.TemporaryDirectory() as d:
         curl(lab, lab.url("a", "/obj-1m"), "-o", os.path.join(d, "x"))
-        assert sha256_file(os.path.join(d, "x")) == lab.objects["/obj-1m"][1]
+        assert file_sha256(os.path.join(d, "x")) == lab.objects["/obj-1m"][1]
 
 
 def _capture(lab, node, iface, path, bpf):
@@ -204,7 +190,7 @@ def test_client_appliance_keeps_shim_state(lab):
                 return c
         return None
 
-    c = wait_for(conn)
+    c = wait_for(conn, 5)
     assert c and c["tagged"] and c["migrate_permitted"]
     assert c["client_syn"]["mss"] and c["server_syn"]["isn"] is not None
     s2c, c2s = c["server_to_client"], c["client_to_server"]

@@ -4,17 +4,16 @@ oscillation, races, forged Migrate SYNs and a restarted replica whose kernel ans
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 import labutil
 from appliance.control import call
+from appliance.lab import file_sha256, file_size, wait_for
 from appliance.statusfile import read_events, read_status
 
 pytestmark = pytest.mark.lab
@@ -22,22 +21,8 @@ pytestmark = pytest.mark.lab
 OBJ = "/obj-20m"
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def group_ready(lab, replicas="abc"):
@@ -56,11 +41,6 @@ def client_conn(lab):
     return conns[-1] if conns else None
 
 
-def bytes_received(path) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
 
 
 def owner_of(lab, conn_port):
@@ -97,8 +77,8 @@ class Download:
 
 
 def wait_fraction(lab, dl, size, fraction, timeout=30):
-    assert wait_for(lambda: bytes_received(dl.outs[0]) >= size * fraction, timeout=timeout), \
-        f"download stalled at {bytes_received(dl.outs[0])} bytes"
+    assert wait_for(lambda: file_size(dl.outs[0]) >= size * fraction, timeout=timeout), \
+        f"download stalled at {file_size(dl.outs[0])} bytes"
 
 
 def failover_time(lab, killed_at):
@@ -123,7 +103,7 @@ def test_download_survives_a_crash(crash_lab):
     killed = lab.kill_replica("a")
     code, err = dl.wait()
     assert code == 0, err
-    assert sha256_file(dl.outs[0]) == digest
+    assert file_sha256(dl.outs[0]) == digest
     t = failover_time(lab, killed)
     assert t is not None
     print(f"\nfailover ({lab.server}): {t * 1000:.0f} ms from the crash to the new server's first frame")
@@ -147,7 +127,7 @@ def test_cascade_a_then_b_then_c(netns_ok):
         assert last and replica_at(lab, last) not in ("a", taker)
         code, err = dl.wait()
         assert code == 0, err
-        assert sha256_file(dl.outs[0]) == digest
+        assert file_sha256(dl.outs[0]) == digest
 
 
 def test_keepalive_second_object_from_the_new_owner(netns_ok):
@@ -159,8 +139,8 @@ def test_keepalive_second_object_from_the_new_owner(netns_ok):
         lab.kill_replica("a")
         code, err = dl.wait()
         assert code == 0, err
-        assert sha256_file(dl.outs[0]) == lab.objects[OBJ][1]
-        assert sha256_file(dl.outs[1]) == lab.objects["/obj-1m"][1]
+        assert file_sha256(dl.outs[0]) == lab.objects[OBJ][1]
+        assert file_sha256(dl.outs[1]) == lab.objects["/obj-1m"][1]
         assert dl.stdout.split()[:1] == ["1"]  # one connection for both objects
 
 
@@ -192,7 +172,7 @@ def test_forged_migrate_syns_are_rejected_and_the_download_goes_on(netns_ok):
         assert client_conn(lab)["current"] == [lab.ip("a"), 80]  # nothing moved
         code, err = dl.wait()
         assert code == 0, err
-        assert sha256_file(dl.outs[0]) == digest
+        assert file_sha256(dl.outs[0]) == digest
 
 
 def test_race_two_takeovers_one_winner(netns_ok):
@@ -216,7 +196,7 @@ def test_race_two_takeovers_one_winner(netns_ok):
             t.join(20)
         code, err = dl.wait()
         assert code == 0, err
-        assert sha256_file(dl.outs[0]) == digest
+        assert file_sha256(dl.outs[0]) == digest
         shim = read_status(lab.lab_dir, "client", "ca")["shim"]
         assert shim["migrations"] >= 1
         assert shim["migrate_rejected_redundant"] + shim["migrate_rejected_stale"] >= 1 or shim["migrations"] == 2
@@ -236,7 +216,7 @@ def test_restarted_replica_rst_is_held_and_the_migration_succeeds(netns_ok):
         lab.run("a", ["ip", "route", "replace", "default", "via", "10.70.1.1"])
         code, err = dl.wait()
         assert code == 0, err
-        assert sha256_file(dl.outs[0]) == digest
+        assert file_sha256(dl.outs[0]) == digest
         shim = read_status(lab.lab_dir, "client", "ca")["shim"]
         assert shim["migrations"] >= 1
 
@@ -254,6 +234,6 @@ def test_planned_oscillation_every_2s_through_a_60s_download(netns_ok):
                              capture_output=True, text=True, timeout=90)
         code, err = dl.wait(timeout=120)
         assert code == 0, err + osc.stdout + osc.stderr
-        assert sha256_file(dl.outs[0]) == digest
+        assert file_sha256(dl.outs[0]) == digest
         shim = read_status(lab.lab_dir, "client", "ca")["shim"]
         assert shim["migrations"] >= 15, (shim, osc.stdout)

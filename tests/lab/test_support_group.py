@@ -9,6 +9,7 @@ import time
 import pytest
 
 import labutil
+from appliance.lab import wait_for
 from appliance.statusfile import read_events, read_status
 
 pytestmark = pytest.mark.lab
@@ -16,14 +17,6 @@ pytestmark = pytest.mark.lab
 DEAD_BOUND = 0.1 + 0.02 + 0.03  # dead_after + one heartbeat + scheduling slack on a 2-core VM
 
 
-def wait_for(predicate, timeout=10.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def group_status(lab, node):
