@@ -112,7 +112,31 @@ def bpf_filter(ports: Iterable[int]) -> str:
     return f"{v4} or {v6}"
 
 
-class Tap:
+class _Capture:
+    """What both capture backends share: waiting for frames, counting them, `with`."""
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the capture became readable within timeout seconds (live handles only)."""
+        r, _, _ = select.select([self.fileno()], [], [], timeout)
+        return bool(r)
+
+    def _tally(self, out: List[Captured]) -> List[Captured]:
+        self.dispatches += 1
+        self.frames += len(out)
+        for c in out:
+            self.bytes += c.wire_len
+            if c.wire_len > len(c.data):
+                self.truncated += 1
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Tap(_Capture):
     """A live (or offline) pcapy-ng capture handle reading frames for the stream mapper."""
 
     def __init__(self, iface: str, ports: Iterable[int], snaplen: int = 4096, buffer_size: int = 32 << 20,
@@ -195,11 +219,6 @@ class Tap:
     def fileno(self) -> int:
         return self._pcap.getfd()
 
-    def wait(self, timeout: float) -> bool:
-        """Whether the capture became readable within timeout seconds (live handles only)."""
-        r, _, _ = select.select([self.fileno()], [], [], timeout)
-        return bool(r)
-
     def read(self, max_frames: int = 1024) -> List[Captured]:
         """The frames captured so far, at most max_frames; an empty list when there are none."""
         out: List[Captured] = []
@@ -223,13 +242,7 @@ class Tap:
         except pcapy.PcapError:
             if self.live:
                 raise
-        self.dispatches += 1
-        self.frames += len(out)
-        for c in out:
-            self.bytes += c.wire_len
-            if c.wire_len > len(c.data):
-                self.truncated += 1
-        return out
+        return self._tally(out)
 
     def stats(self) -> dict:
         """Kernel counters (received, dropped, ifdropped) and the adapter's own."""
@@ -252,12 +265,6 @@ class Tap:
             self._dumper = None
         self._pcap.close()
 
-    def __enter__(self) -> "Tap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 # --- A timer-free live capture: one AF_PACKET socket with the same BPF program -------------
 
@@ -270,7 +277,7 @@ ETH_P_ALL = 0x0003
 _AUXDATA = struct.Struct("IIIHHHH")  # struct tpacket_auxdata
 
 
-class SocketTap:
+class SocketTap(_Capture):
     """The live capture without a ring: the filter compiled by libpcap (pcapy.compile) is
     attached to a plain AF_PACKET socket, and each admitted frame wakes the reader at once.
 
@@ -340,10 +347,6 @@ class SocketTap:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def wait(self, timeout: float) -> bool:
-        r, _, _ = select.select([self.fileno()], [], [], timeout)
-        return bool(r)
-
     def read(self, max_frames: int = 1024) -> List[Captured]:
         out: List[Captured] = []
         if self._closed:
@@ -363,13 +366,7 @@ class SocketTap:
             out.append(Captured(ts, data, wire))
             if self._pcap_out is not None:
                 self._pcap_out.write(ts, data, wire)
-        self.dispatches += 1
-        self.frames += len(out)
-        for c in out:
-            self.bytes += c.wire_len
-            if c.wire_len > len(c.data):
-                self.truncated += 1
-        return out
+        return self._tally(out)
 
     def stats(self) -> dict:
         d = {"received": None, "dropped": None, "ifdropped": 0, "frames": self.frames, "bytes": self.bytes,
@@ -389,12 +386,6 @@ class SocketTap:
         self._sock.close()
         if self._pcap_out is not None:
             self._pcap_out.close()
-
-    def __enter__(self) -> "SocketTap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _PcapWriter:

@@ -20,6 +20,7 @@ import time
 import pytest
 
 import labutil
+from appliance.lab import wait_for
 from appliance.control import ControlError, call
 from appliance.statusfile import read_events
 
@@ -29,16 +30,6 @@ PYTHON = sys.executable
 COLS, ROWS = 160, 50
 SEEN_TIMEOUT = 10.0  # seconds for something to reach the screen
 MIGRATION_TIMEOUT = 10.0  # seconds after the kill for the client appliance to report "migrated"
-
-
-def wait_for(pred, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    return pred()
 
 
 class Tmux:
