@@ -132,11 +132,16 @@ class GroupNode:
                                                    "connections": len(entries)}))
                 self.planner.peer_dead(peer, self.detectors[peer].epoch, entries, self.members(), now)
             elif kind == "false_suspicion":
+                # the suspicion round is over: its claims and actions must not stop the next
+                # round (a real death within claim_ttl would otherwise find every connection
+                # "claimed" and nobody would take it)
                 self.counters["false_suspicions"] += 1
                 cancelled = self.planner.peer_alive_again(peer)
+                self.planner.forget(peer)
                 self._events.append(("false_suspicion", {"node": peer, "cancelled": cancelled}))
             elif kind == "restarted":
                 self.counters["restarts"] += 1
+                self.planner.forget(peer)
                 self._events.append(("peer_restarted", {"node": peer, "old_epoch": ev[1], "new_epoch": ev[2]}))
             elif kind in ("suspect", "alive"):
                 self._events.append((f"peer_{kind}", {"node": peer}))

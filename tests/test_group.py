@@ -223,3 +223,24 @@ def test_drain_hands_every_connection_to_the_others_and_never_to_the_drainer():
     assert len(taken) == 200 and len(set(taken)) == 200 and not g.actions["a"]
     assert all("a" in g.nodes[n].draining_peers for n in "bcd")
     assert all(g.nodes[n].counters["deaths"] == 0 for n in "bcd")  # a is alive throughout
+
+
+def test_a_real_death_soon_after_a_false_suspicion_is_still_taken_over():
+    """Claims from a false-suspicion round must not make the group skip the real death."""
+    g = Group("abc", seed=13)
+    for i in range(60):
+        g.nodes["a"].local_add(entry(i, 1), g.t)
+    g.run(1.5)
+    g.net.down.add("a")  # silent long enough to be declared dead: b and c take (and claim) a's 60
+    g.run(0.15)
+    first = sum(len(g.actions[n]) for n in "bc")
+    assert first == 60
+    g.net.down.discard("a")  # a was alive all along: a false suspicion
+    g.run(0.5)
+    assert all(g.nodes[n].counters["false_suspicions"] >= 1 for n in "bc")
+    for n in "bc":
+        g.actions[n].clear()
+    g.stop("a")  # now a really dies, well within the planner's claim memory
+    g.run(0.5)
+    taken = [a.key for n in "bc" for _, a in g.actions[n]]
+    assert len(taken) == 60 and len(set(taken)) == 60
