@@ -141,7 +141,12 @@ def iter_records(records, count: int):
 
 
 class Flow(NamedTuple):
-    """A snapshot of one flow-table entry (the key is as seen on the wire)."""
+    """A snapshot of one flow-table entry (the key is as seen on the wire).
+
+    The tracked fields (flags_seen to sack) say where the connection stands at a
+    takeover, so only frames with valid checksums move them, and ack never passes the
+    bytes the peer entry has sent. New fields go at the end: callers unpack by position.
+    """
 
     src: bytes
     sport: int
@@ -157,18 +162,20 @@ class Flow(NamedTuple):
     bytes: int
     last_seen: float
     flags_seen: int
-    seq_next: int  # highest seq + length (SYN and FIN count) seen, or 0 before any frame
-    ack: int  # latest acknowledgment number carried with ACK
-    window: int  # latest raw window field
+    seq_next: int  # highest seq + length (SYN and FIN count) forwarded or punted, 0 before any
+    ack: int  # latest acknowledgment carried with ACK, never behind itself or past the peer's seq_next
+    window: int  # raw window field of the frame whose ack was taken
     tsval: int
     tsecr: int
     ts_seen: bool
+    sack: tuple = ()  # (left, right) blocks of the latest SACK with the current ack; () when none
+    ignored: int = 0  # frames that moved nothing: bad checksum, or ack beyond what the peer sent
 
 
 MAX_CAPACITY = 1 << 24  # flows per table; far above what one appliance carries
 
 STAT_NAMES = ("frames", "bytes", "passed", "rewritten", "dropped", "to_python",
-              "malformed", "non_tcp", "misses", "hits")
+              "malformed", "non_tcp", "misses", "hits", "untracked_bad_csum", "ack_beyond_sent")
 
 
 # --- Addresses --------------------------------------------------------------------------
@@ -180,6 +187,12 @@ def pack_address(addr: Address) -> bytes:
         if len(addr) not in (4, 16):
             raise ValueError(f"a packed address has 4 or 16 bytes, not {len(addr)}")
         return bytes(addr)
+    if isinstance(addr, str):  # the common case, without ipaddress's parser (a hot path)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                return socket.inet_pton(family, addr)
+            except OSError:
+                pass
     return ipaddress.ip_address(addr).packed
 
 
@@ -364,11 +377,17 @@ def build_migrate_syn(fix_checksums, src: Address, dst: Address, sport: int, dpo
 
 def build_migrate_synack(fix_checksums, src: Address, dst: Address, sport: int, dport: int, seq: int,
                          ack: int, window: int, tsval: Optional[int] = None, tsecr: Optional[int] = None,
-                         **kw) -> bytes:
-    """The client side's reply: seq = client's acknowledged byte, ack = client's rcv_nxt."""
+                         sack=(), **kw) -> bytes:
+    """The client side's reply: seq = client's acknowledged byte, ack = client's rcv_nxt.
+
+    sack: the blocks the client holds above a hole (at most 3 with timestamps, 4 without),
+    so that the new server counts them as sent and never sees the client ahead of it."""
     options = b""
     if tsval is not None:
         options = bytes((OPT_NOP, OPT_NOP)) + opt_timestamps(tsval, tsecr or 0)
+    sack = list(sack)[:3 if tsval is not None else 4]
+    if sack:
+        options += bytes((OPT_NOP, OPT_NOP)) + opt_sack(sack)
     return build_tcp(fix_checksums, src, dst, sport, dport, seq, ack, SYN | ACK, window, options, **kw)
 
 
@@ -389,8 +408,9 @@ def make_builders(fix_checksums):
         return build_migrate_syn(fix_checksums, src, dst, sport, dport, seq, reqno, token, request, preload,
                                  window, **kw)
 
-    def build_migrate_synack_(src, dst, sport, dport, seq, ack, window, tsval=None, tsecr=None, **kw):
-        return build_migrate_synack(fix_checksums, src, dst, sport, dport, seq, ack, window, tsval, tsecr, **kw)
+    def build_migrate_synack_(src, dst, sport, dport, seq, ack, window, tsval=None, tsecr=None, sack=(), **kw):
+        return build_migrate_synack(fix_checksums, src, dst, sport, dport, seq, ack, window, tsval, tsecr, sack,
+                                    **kw)
 
     def build_rst_(src, dst, sport, dport, seq, ack=None, **kw):
         return build_rst(fix_checksums, src, dst, sport, dport, seq, ack, **kw)
@@ -446,6 +466,204 @@ def check_verdict(verdict: int, name: str) -> int:
     if verdict not in (PASS, REWRITE, DROP, PYTHON):
         raise ValueError(f"{name} must be PASS, REWRITE, DROP or PYTHON, not {verdict!r}")
     return int(verdict)
+
+
+# --- Connection tracking (FlowTable(conntrack=True)) -------------------------------------
+
+# A frame's direction, for classify(..., direction=) and process_batch(..., direction=):
+# OUT is client side -> network, IN is network -> client side; None means unknown (the
+# table then decides as it does without connection tracking).
+OUT, IN = 0, 1
+
+# Connection states and event kinds, as Conn.state and events() report them.
+CT_SYN_SENT, CT_ESTABLISHED, CT_CLOSED = "syn_sent", "established", "closed"
+CT_STATES = (CT_SYN_SENT, CT_ESTABLISHED, CT_CLOSED)
+EV_ESTABLISHED, EV_CLOSED, EV_FORGOTTEN = "established", "closed", "forgotten"
+CT_EVENTS = (EV_ESTABLISHED, EV_CLOSED, EV_FORGOTTEN)
+# Conn.closed_by: what closed it (None while open)
+CT_CLOSED_BY = (None, "fin", "client_rst", "server_rst")
+# Conn.forgotten: why the engine forgot it (only in a "forgotten" event's snapshot)
+CT_REASONS = (None, "half_open_timeout", "idle", "closed", "evicted", "reused")
+
+# Monotonic counters of a conntrack table (stats() keys beside STAT_NAMES), then gauges.
+CT_STAT_NAMES = (
+    "syns", "syns_tagged", "syns_already_permitted", "syns_no_room", "syns_untracked_full", "syns_retransmitted",
+    "syns_reused", "syns_bad_checksum", "half_open_evicted", "half_open_expired", "idle_expired", "closed_expired",
+    "synacks_matched", "synacks_unmatched", "synacks_retransmitted", "migrate_syns", "closed_fin",
+    "closed_client_rst", "closed_server_rst", "events_dropped", "closed_evicted", "syns_on_established",
+)
+CT_GAUGE_NAMES = ("connections", "half_open", "established", "closed", "pinned", "tokens")
+
+MIGRATE_PERMITTED_OPTION = bytes((OPT_EXP1, MIGRATE_PERMITTED_LEN, EXID_MIGRATE_PERMITTED >> 8,
+                                  EXID_MIGRATE_PERMITTED & 0xFF, 0))  # == opt_migrate_permitted()
+
+
+class SynOptions(NamedTuple):
+    """What one side's SYN (or SYN/ACK) offered; mss, wscale and tsval are None when absent."""
+
+    isn: int
+    mss: Optional[int]
+    wscale: Optional[int]
+    sack_permitted: bool
+    timestamps: bool
+    tsval: Optional[int]
+    migrate_permitted: bool
+
+
+class Conn(NamedTuple):
+    """A connection the engine tracks (FlowTable(conntrack=True)), keyed by its client->server
+    4-tuple. New fields go at the end: callers may unpack by position."""
+
+    client: str  # ip text
+    client_port: int
+    server: str
+    server_port: int
+    state: str  # CT_SYN_SENT, CT_ESTABLISHED or CT_CLOSED
+    created: float  # the client's first SYN (or the restore)
+    closed_at: Optional[float]
+    client_syn: SynOptions
+    server_syn: Optional[SynOptions]  # None before the SYN/ACK
+    tagged: bool  # the engine added Migrate-Permitted to the client's SYN
+    token: Optional[int]  # the Migrate Token, once established, if migrate_permitted
+    client_mac: Optional[bytes]  # the client SYN's source MAC (None on a LINK_RAW table)
+    router_mac: Optional[bytes]  # its destination MAC
+    pinned: bool  # the control plane owns its lifecycle: never expired or evicted
+    established_at: Optional[float] = None
+    closed_by: Optional[str] = None  # CT_CLOSED_BY
+    forgotten: Optional[str] = None  # in a "forgotten" event: why (CT_REASONS)
+
+    @property
+    def migrate_permitted(self) -> bool:
+        """The connection can be migrated: our tag, or the client's own option."""
+        return self.tagged or self.client_syn.migrate_permitted
+
+    @property
+    def key(self) -> tuple:
+        return (self.client, self.client_port, self.server, self.server_port)
+
+
+def _check_number(value, name: str, minimum: Optional[float] = None, allow_equal: bool = False) -> float:
+    """A finite int or float (not a bool), above minimum (or equal to it if allow_equal)."""
+    import math
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum or (allow_equal and value == minimum)
+    if not ok:
+        bound = "" if minimum is None else f" {'>=' if allow_equal else '>'} {minimum}"
+        raise ValueError(f"{name} must be a finite number{bound}, not {value!r}")
+    return float(value)
+
+
+def _check_count(value, name: str, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ValueError(f"{name} must be an integer 1..{maximum}, not {value!r}")
+    return value
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, int)) or value not in (0, 1):
+        raise ValueError(f"{name} must be True or False, not {value!r}")
+    return bool(value)
+
+
+MAX_CONNECTIONS = MAX_CAPACITY // 4  # two flow entries each, at most half the table's flows
+MAX_EVENTS = 1 << 20
+
+
+def check_conntrack_config(conntrack, max_connections, max_half_open, half_open_timeout, idle_timeout,
+                           closed_linger, tag_syns, event_capacity) -> tuple:
+    """The conntrack settings of a FlowTable, checked (ValueError naming the field) and normalized."""
+    return (_check_flag(conntrack, "conntrack"),
+            _check_count(max_connections, "max_connections", MAX_CONNECTIONS),
+            _check_count(max_half_open, "max_half_open", MAX_CONNECTIONS),
+            _check_number(half_open_timeout, "half_open_timeout", 0),
+            _check_number(idle_timeout, "idle_timeout", 0),
+            _check_number(closed_linger, "closed_linger", 0, allow_equal=True),
+            _check_flag(tag_syns, "tag_syns"),
+            _check_count(event_capacity, "event_capacity", MAX_EVENTS))
+
+
+def check_direction(direction) -> int:
+    """None (unknown: -1) or OUT / IN."""
+    if direction is None:
+        return -1
+    if isinstance(direction, bool) or direction not in (OUT, IN):
+        raise ValueError(f"direction must be OUT, IN or None, not {direction!r}")
+    return int(direction)
+
+
+def _syn_options(value, name: str) -> SynOptions:
+    if isinstance(value, dict):
+        value = SynOptions(**value)
+    elif not isinstance(value, SynOptions):
+        value = SynOptions(*value)
+    check_u32(value.isn, f"{name}.isn")
+    if value.mss is not None:
+        check_u32(value.mss, f"{name}.mss", 16)
+    if value.wscale is not None:
+        check_u32(value.wscale, f"{name}.wscale", 8)
+    if value.tsval is not None:
+        check_u32(value.tsval, f"{name}.tsval")
+    if value.tsval is not None and not value.timestamps:
+        raise ValueError(f"{name}.tsval needs {name}.timestamps")
+    return value._replace(sack_permitted=bool(value.sack_permitted), timestamps=bool(value.timestamps),
+                          migrate_permitted=bool(value.migrate_permitted),
+                          tsval=(value.tsval or 0) if value.timestamps else None)
+
+
+def check_conn(conn) -> tuple:
+    """A record for restore_connection(): a Conn (or its fields as a dict or sequence, e.g. from a
+    journal), checked; returns (Conn, packed client, packed server)."""
+    try:
+        if isinstance(conn, dict):
+            conn = Conn(**conn)
+        elif not isinstance(conn, Conn):
+            conn = Conn(*conn)
+    except TypeError as exc:
+        raise ValueError(f"not a connection record: {exc}") from None
+    try:
+        c, s = pack_address(conn.client), pack_address(conn.server)
+    except ValueError:
+        raise ValueError("client and server must be IP addresses") from None
+    if len(c) != len(s):
+        raise ValueError("client and server must both be IPv4 or both IPv6")
+    check_port(conn.client_port, "client_port")
+    check_port(conn.server_port, "server_port")
+    if conn.client_port is None or conn.server_port is None:
+        raise ValueError("client_port and server_port are needed")
+    if conn.state not in CT_STATES:
+        raise ValueError(f"state must be one of {CT_STATES}, not {conn.state!r}")
+    created = _check_number(conn.created, "created")
+    client_syn = _syn_options(conn.client_syn, "client_syn")
+    server_syn = None if conn.server_syn is None else _syn_options(conn.server_syn, "server_syn")
+    if conn.state == CT_ESTABLISHED and server_syn is None:
+        raise ValueError("an established connection needs server_syn")
+    closed_at = None
+    if conn.state == CT_CLOSED:
+        closed_at = _check_number(conn.closed_at if conn.closed_at is not None else created, "closed_at")
+    established_at = None  # syn_sent: never, even with server_syn (the client's ACK not seen yet)
+    if server_syn is not None and conn.state != CT_SYN_SENT:
+        established_at = _check_number(conn.established_at if conn.established_at is not None else created,
+                                       "established_at")
+    macs = []
+    for name in ("client_mac", "router_mac"):
+        m = getattr(conn, name)
+        if m is not None:
+            m = pack_mac(bytes.fromhex(m.replace(":", "")) if isinstance(m, str) else m)
+        macs.append(m)
+    if (macs[0] is None) != (macs[1] is None):
+        raise ValueError("client_mac and router_mac go together")
+    closed_by = conn.closed_by if conn.state == CT_CLOSED else None
+    if closed_by not in CT_CLOSED_BY:
+        raise ValueError(f"closed_by must be one of {CT_CLOSED_BY}, not {closed_by!r}")
+    tagged = _check_flag(conn.tagged, "tagged")
+    token = None
+    if server_syn is not None and (tagged or client_syn.migrate_permitted):
+        token = migrate_token(client_syn.isn, server_syn.isn)
+    out = Conn(address_text(c), conn.client_port, address_text(s), conn.server_port, conn.state, created,
+               closed_at, client_syn, server_syn, tagged, token, macs[0], macs[1], _check_flag(conn.pinned, "pinned"),
+               established_at, closed_by, None)
+    return out, c, s
 
 
 # What each engine module provides; _fastpath re-exports these from the build it loads.

@@ -7,6 +7,8 @@ of the frame; a view reads addresses and options from the frame it was parsed fr
 
 from __future__ import annotations
 
+import collections
+import itertools
 import struct
 import threading
 
@@ -22,6 +24,11 @@ from ._common import (
     pack_address,
 )
 from . import _common
+from ._common import (
+    CT_CLOSED_BY, CT_GAUGE_NAMES, CT_REASONS, CT_STAT_NAMES, CT_STATES, EV_CLOSED, EV_ESTABLISHED, EV_FORGOTTEN,
+    HAS_MIGRATE as _HAS_MIGRATE, IN, MIGRATE_PERMITTED_OPTION, OUT, Conn, SynOptions, check_conn,
+    check_conntrack_config, check_direction, migrate_token,
+)
 
 BUILD = "py"
 
@@ -441,18 +448,28 @@ def tcp_checksum(frame, link: int = LINK_ETHERNET) -> int:
     return c
 
 
+def _ipv4_header_ok(f, v: FrameView) -> bool:
+    """An IPv4 header sums to 0xFFFF with its checksum (either zero form accepted)."""
+    return _sum16(f[v.l3_off:v.l3_off + (f[v.l3_off] & 0x0F) * 4]) == 0xFFFF
+
+
+def _l4_ok(f, v: FrameView, field: int) -> bool:
+    """The TCP/UDP checksum verifies over the pseudo-header; a zero UDP/IPv4 one is unchecked."""
+    if v.ip_proto == IPPROTO_UDP and v.ip_version == 4 and f[field] == 0 and f[field + 1] == 0:
+        return True
+    return _sum16(f[v.l4_off:v.ip_end]) + _pseudo_sum(f, v) in (0xFFFF, 0x1FFFE)
+
+
 def verify_checksums(frame, link: int = LINK_ETHERNET) -> tuple:
     """(ip_ok, l4_ok): IPv6 has no header checksum, and an unchecked L4 counts as ok."""
     v = _checked(frame, link)
     ip_ok = True
     if v.ip_version == 4:
-        ip_ok = _sum16(frame[v.l3_off:v.l3_off + (frame[v.l3_off] & 0x0F) * 4]) == 0xFFFF
+        ip_ok = _ipv4_header_ok(frame, v)
     field = _l4_field(v)
     if field < 0:
         return ip_ok, True
-    if v.ip_proto == IPPROTO_UDP and v.ip_version == 4 and frame[field] == 0 and frame[field + 1] == 0:
-        return ip_ok, True
-    return ip_ok, _sum16(bytes(frame[v.l4_off:v.ip_end])) + _pseudo_sum(frame, v) in (0xFFFF, 0x1FFFE)
+    return ip_ok, _l4_ok(frame, v, field)
 
 
 def fix_checksums(frame, link: int = LINK_ETHERNET) -> None:
@@ -622,13 +639,18 @@ build_tcp, build_migrate_syn, build_migrate_synack, build_rst = make_builders(fi
 
 class _Entry:
     __slots__ = ("verdict", "new_src", "new_sport", "new_dst", "new_dport", "punt_flags", "frames", "bytes",
-                 "last_seen", "flags_seen", "seq_next", "seq_seen", "ack", "window", "tsval", "tsecr", "ts_seen")
+                 "last_seen", "flags_seen", "seq_next", "seq_seen", "ack", "ack_seen", "window", "tsval", "tsecr",
+                 "ts_seen", "sack", "ignored", "conn", "role", "awaiting_ack")
 
     def __init__(self) -> None:
-        self.seq_seen = False
+        self.conn = None  # conntrack: the _Conn this entry is one direction of
+        self.role = 0  # _C2S or _S2C
+        self.seq_seen = self.ack_seen = False  # ack_seen: flags_seen & ACK may come from a refused ack
+        self.awaiting_ack = False  # conntrack, client flow: the SYN/ACK was seen, the client's ACK not yet
         self.frames = self.bytes = self.flags_seen = self.seq_next = self.ack = self.window = 0
-        self.tsval = self.tsecr = 0
+        self.tsval = self.tsecr = self.ignored = 0
         self.ts_seen = False
+        self.sack = ()
         self.last_seen = 0.0
 
 
@@ -644,15 +666,34 @@ def _flow_key(src, sport: int, dst, dport: int) -> tuple:
 class FlowTable:
     """Per-4-tuple verdicts for TCP frames, plus what each flow's frames carried last.
 
-    A TCP frame of a known flow is counted and tracked (latest ack, window, timestamps,
-    highest sequence); it goes to Python if its flags meet the entry's punt_flags,
+    A TCP frame of a known flow goes to Python if its flags meet the entry's punt_flags,
     otherwise it gets the entry's verdict, REWRITE rewriting addresses and ports in place.
+    It is counted, and tracked (latest ack, window, SACK blocks, timestamps, highest
+    sequence) because a takeover resumes the connection from those, so only what a
+    receiver would accept moves them: a frame with a bad checksum (partial_csum frames
+    are the kernel's to complete and pass) is counted in `ignored` and untracked_bad_csum;
+    an ack past the peer entry's seq_next (the peer: the reverse of the rewritten tuple)
+    is refused, counted in ack_beyond_sent; a DROPped frame does not advance seq_next.
     Unknown flows get default_verdict (default_punt applies likewise), frames that are
     not TCP get nontcp_verdict, and malformed frames get malformed_verdict, counted by kind.
+
+    conntrack=True: the engine also tracks connections from frames of known direction
+    (classify(..., direction=OUT/IN)): it tags client SYNs with Migrate-Permitted, records
+    each connection (both ISNs and option sets, the MACs, the Migrate Token), bounds
+    half-open ones (max_half_open, oldest evicted) and all (max_connections), and forgets
+    them in expire(); see connection(), find_token(), events(), pin(), forget(),
+    restore_connection(). The compiled build does the same in C, in the same order.
     """
 
     def __init__(self, capacity: int = 1024, default_verdict: int = PASS, default_punt: int = 0,
-                 nontcp_verdict: int = PASS, malformed_verdict: int = PASS, link: int = LINK_ETHERNET) -> None:
+                 nontcp_verdict: int = PASS, malformed_verdict: int = PASS, link: int = LINK_ETHERNET,
+                 conntrack: bool = False, max_connections: int = 100_000, max_half_open: int = 10_000,
+                 half_open_timeout: float = 5.0, idle_timeout: float = 600.0, closed_linger: float = 10.0,
+                 tag_syns: bool = True, event_capacity: int = 4096) -> None:
+        (self._conntrack, self._max_connections, self._max_half_open, self._half_open_timeout,
+         self._idle_timeout, self._closed_linger, self._tag_syns, self._event_capacity) = check_conntrack_config(
+            conntrack, max_connections, max_half_open, half_open_timeout, idle_timeout, closed_linger, tag_syns,
+            event_capacity)
         if capacity < 1:
             raise ValueError("capacity must be positive")
         if capacity > MAX_CAPACITY:
@@ -670,6 +711,9 @@ class FlowTable:
         if link not in (LINK_ETHERNET, LINK_RAW):
             raise ValueError("link must be LINK_ETHERNET or LINK_RAW")
         self._link = link
+        self._events = collections.deque()
+        self._serial = 0
+        self._ct_reset()
         self.reset_stats()
 
     # Read-only, as in the compiled build.
@@ -678,16 +722,28 @@ class FlowTable:
     nontcp_verdict = property(lambda self: self._nontcp_verdict)
     malformed_verdict = property(lambda self: self._malformed_verdict)
     link = property(lambda self: self._link)
+    conntrack = property(lambda self: self._conntrack)
+    max_connections = property(lambda self: self._max_connections)
+    max_half_open = property(lambda self: self._max_half_open)
+    half_open_timeout = property(lambda self: self._half_open_timeout)
+    idle_timeout = property(lambda self: self._idle_timeout)
+    closed_linger = property(lambda self: self._closed_linger)
+    tag_syns = property(lambda self: self._tag_syns)
+    event_capacity = property(lambda self: self._event_capacity)
 
     def reset_stats(self) -> None:
         with self._lock:
             self._stats = dict.fromkeys(STAT_NAMES, 0)
             self._errors = [0] * N_ERRORS
+            self._cst = dict.fromkeys(CT_STAT_NAMES, 0)
 
     def stats(self) -> dict:
         with self._lock:
             out = dict(self._stats)
             out["errors"] = {Err(i).name: n for i, n in enumerate(self._errors) if i}
+            if self._conntrack:
+                out.update(self._cst)
+                out.update(zip(CT_GAUGE_NAMES, (self._ct_count, *self._n_state, self._n_pinned, self._n_tokens)))
         return out
 
     def __len__(self) -> int:
@@ -695,7 +751,11 @@ class FlowTable:
 
     def set(self, src, sport: int, dst, dport: int, verdict: int = PASS, *, new_src=None, new_sport=None,
             new_dst=None, new_dport=None, punt_flags: int = 0) -> None:
-        """Add a flow or change its verdict; counters and tracked state are kept."""
+        """Add a flow or change its verdict; counters and tracked state are kept.
+
+        The rewrite fields are replaced (omitted ones cleared) whatever the verdict: on a
+        DROP or PYTHON entry they still name the peer whose seq_next bounds its ack.
+        """
         key = _flow_key(src, sport, dst, dport)
         verdict = check_verdict(verdict, "verdict")
         ns = pack_address(new_src) if new_src is not None else None
@@ -725,13 +785,21 @@ class FlowTable:
             return None if e is None else self._snapshot(key, e)
 
     def remove(self, src, sport: int, dst, dport: int) -> bool:
+        """Remove a flow. In conntrack mode, removing either flow of a tracked connection
+        forgets the connection (both flows), as forget() does."""
         key = _flow_key(src, sport, dst, dport)
         with self._lock:
+            e = self._flows.get(key)
+            if e is not None and e.conn is not None:
+                self._ct_forget(e.conn, 0, False)
+                return True
             return self._flows.pop(key, None) is not None
 
     def clear(self) -> None:
+        """Remove every flow (and, in conntrack mode, every connection; queued events stay)."""
         with self._lock:
             self._flows.clear()
+            self._ct_reset()
 
     def keys(self) -> list:
         with self._lock:
@@ -742,17 +810,45 @@ class FlowTable:
         return Flow(key[0], key[1], key[2], key[3], e.verdict, e.new_src,
                     None if e.new_sport < 0 else e.new_sport, e.new_dst,
                     None if e.new_dport < 0 else e.new_dport, e.punt_flags, e.frames, e.bytes,
-                    e.last_seen, e.flags_seen, e.seq_next, e.ack, e.window, e.tsval, e.tsecr, e.ts_seen)
+                    e.last_seen, e.flags_seen, e.seq_next, e.ack, e.window, e.tsval, e.tsecr, e.ts_seen,
+                    e.sack, e.ignored)
 
-    def classify(self, frame, now: float = 0.0, partial_csum: bool = False) -> int:
+    def classify(self, frame, now: float = 0.0, partial_csum: bool = False, direction=None) -> int:
         """Decide one frame, rewriting it in place when the verdict is REWRITE.
 
         partial_csum: the frame's L4 checksum is a pseudo-header sum left for offload.
+        direction: OUT (client side -> network), IN, or None (unknown). A conntrack table
+        tracks connections from the frames of a known direction; the frame cannot grow here,
+        so a client SYN whose Migrate-Permitted tag needs more bytes is forwarded untagged
+        (counted syns_no_room): classify_frame() has room to grow.
         """
-        if memoryview(frame).readonly:  # as the compiled build: a writable buffer, always
+        d = check_direction(direction)
+        mv = memoryview(frame)
+        if mv.readonly:  # as the compiled build: a writable buffer, always
             raise BufferError("classify() needs a writable buffer")
         with self._lock:
-            return self._classify(frame, now, partial_csum)
+            if d < 0 or not self._conntrack:
+                return self._classify(frame, now, partial_csum)
+            mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+            return self._classify_ct(mv, len(mv), len(mv), now, partial_csum, d)[0]
+
+    def classify_frame(self, buf, length: int, cap=None, now: float = 0.0, partial_csum: bool = False,
+                       direction=None) -> tuple:
+        """classify() for a frame of `length` bytes at the start of buf, which may grow in
+        place up to cap bytes (default: all of buf) when a client SYN is tagged with
+        Migrate-Permitted; returns (verdict, the frame's new length)."""
+        d = check_direction(direction)
+        mv = memoryview(buf)
+        if mv.readonly:
+            raise BufferError("classify_frame() needs a writable buffer")
+        mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        cap = len(mv) if cap is None else cap
+        if not (isinstance(length, int) and isinstance(cap, int) and 0 <= length <= cap <= len(mv)):
+            raise ValueError("classify_frame() needs 0 <= length <= cap <= len(buf)")
+        with self._lock:
+            if d < 0 or not self._conntrack:
+                return self._classify(mv[:length], now, partial_csum), length
+            return self._classify_ct(mv[:cap], length, cap, now, partial_csum, d)
 
     def _classify(self, frame, now: float, partial_csum: bool) -> int:
         st = self._stats
@@ -769,51 +865,655 @@ class FlowTable:
             st["non_tcp"] += 1
             verdict = self._nontcp_verdict
         else:
-            e = self._flows.get((v.src, v.sport, v.dst, v.dport))
+            key = (v.src, v.sport, v.dst, v.dport)
+            e = self._flows.get(key)
             if e is None:
                 st["misses"] += 1
                 verdict = PYTHON if v.flags & self._default_punt else self._default_verdict
             else:
                 st["hits"] += 1
-                self._track(e, v, n, now)
-                if v.flags & e.punt_flags:
-                    verdict = PYTHON
-                else:
-                    verdict = e.verdict
-                    if verdict == REWRITE:
-                        _rewrite_view(frame, v, e.new_src, e.new_sport, e.new_dst, e.new_dport, partial_csum)
+                verdict = PYTHON if v.flags & e.punt_flags else e.verdict
+                # verified before the rewrite touches the checksums; a partial one is the kernel's
+                trusted = partial_csum or ((v.ip_version != 4 or _ipv4_header_ok(frame, v))
+                                           and _l4_ok(frame, v, v.l4_off + 16))
+                self._track(key, e, v, n, now, verdict, trusted)
+                if verdict == REWRITE:
+                    _rewrite_view(frame, v, e.new_src, e.new_sport, e.new_dst, e.new_dport, partial_csum)
         st[("passed", "rewritten", "dropped", "to_python")[verdict]] += 1
         return verdict
 
-    @staticmethod
-    def _track(e: _Entry, v: FrameView, n: int, now: float) -> None:
-        prev_flags = e.flags_seen
+    def _peer(self, key: tuple, e: _Entry):
+        """The entry of the other direction: the reverse of e's tuple as rewritten (the rewrite
+        fields count whatever e's verdict: the control plane keeps them on DROP and PYTHON)."""
+        return self._flows.get((key[2] if e.new_dst is None else e.new_dst,
+                                key[3] if e.new_dport < 0 else e.new_dport,
+                                key[0] if e.new_src is None else e.new_src,
+                                key[1] if e.new_sport < 0 else e.new_sport))
+
+    def _track(self, key: tuple, e: _Entry, v: FrameView, n: int, now: float, verdict: int,
+               trusted: bool) -> None:
+        """Count a frame of e and, if trusted, take what it says about the connection.
+
+        Either would make a takeover resume at the wrong byte: a frame the receiver's kernel
+        drops (bad checksum) moves nothing, and an ack of bytes the peer never sent is refused.
+        """
         e.frames += 1
         e.bytes += n
         e.last_seen = now
+        if not trusted:
+            e.ignored += 1
+            self._stats["untracked_bad_csum"] += 1
+            return
         e.flags_seen |= v.flags
-        if not v.flags & RST:
+        if verdict != DROP and not v.flags & RST:  # a dropped segment was never sent on
             end = (v.seq + v.payload_len + (1 if v.flags & SYN else 0) + (1 if v.flags & FIN else 0)) & MASK32
             if not e.seq_seen or _common.seq_gt(end, e.seq_next):
                 e.seq_next = end
                 e.seq_seen = True
-        if v.flags & ACK and (not prev_flags & ACK or _common.seq_ge(v.ack, e.ack)):
-            e.ack = v.ack
-            e.window = v.window
+        if v.flags & ACK:
+            taken = False
+            if not e.ack_seen or _common.seq_ge(v.ack, e.ack):
+                peer = self._peer(key, e)
+                if peer is not None and peer.seq_seen and _common.seq_gt(v.ack, peer.seq_next):
+                    e.ignored += 1
+                    self._stats["ack_beyond_sent"] += 1
+                else:
+                    e.ack, e.window, e.ack_seen = v.ack, v.window, True
+                    taken = True
+            if v.opts & HAS_SACK and (taken or (e.ack_seen and v.ack == e.ack)):
+                e.sack = v.sack_blocks[:4]
+            elif taken:
+                e.sack = ()
         if v.opts & HAS_TIMESTAMPS and (not e.ts_seen or _common.seq_ge(v.tsval, e.tsval)):
             e.tsval, e.tsecr, e.ts_seen = v.tsval, v.tsecr, True
 
     def process_batch(self, buf, offsets, lengths, verdicts, now: float = 0.0, count: int = -1,
-                      partial_csum: bool = False) -> int:
-        """classify() for count frames of buf, verdicts written to verdicts[i]; returns count."""
+                      partial_csum: bool = False, direction=None, caps=None, new_lengths=None) -> int:
+        """classify() for count frames of buf, verdicts written to verdicts[i]; returns count.
+
+        direction: as classify(). caps (optional): the bytes each frame may grow to in place
+        (frame i owns buf[offsets[i]:offsets[i] + caps[i]]); new_lengths (optional, writable,
+        uint32): each frame's length afterwards (needed with caps: a tagged SYN grows).
+        """
+        d = check_direction(direction)
         vmv = memoryview(verdicts).cast("B")
         n = _batch_count(buf, offsets, lengths, count, len(vmv))
         mv = memoryview(buf).cast("B")
         if mv.readonly:
             raise BufferError("process_batch() needs a writable buffer")
+        _check_caps(len(mv), offsets, lengths, n, caps, new_lengths)
         with self._lock:
-            for i in range(n):
-                vmv[i] = self._classify(mv[offsets[i]:offsets[i] + lengths[i]], now, partial_csum)
+            if d < 0 or not self._conntrack:
+                for i in range(n):
+                    vmv[i] = self._classify(mv[offsets[i]:offsets[i] + lengths[i]], now, partial_csum)
+                    if new_lengths is not None:
+                        new_lengths[i] = lengths[i]
+            else:
+                for i in range(n):
+                    cap = lengths[i] if caps is None else caps[i]
+                    vmv[i], m = self._classify_ct(mv[offsets[i]:offsets[i] + cap], lengths[i], cap, now,
+                                                  partial_csum, d)
+                    if new_lengths is not None:
+                        new_lengths[i] = m
         return n
+
+    # --- connection tracking ----------------------------------------------------------
+    #
+    # Per connection: a _Conn, and its two flow entries (client->server, role _C2S, and
+    # server->client, role _S2C) linked to it. Every live connection has both entries:
+    # removing either forgets it. Lists (creation order of each state): half-open (SYN_SENT,
+    # not pinned), established (not pinned; the idle sweep walks it from a cursor), closed
+    # (not pinned, closing order); pinned connections are in none. _all: every connection in
+    # creation order (connections()). The compiled build keeps the same lists in C, so both
+    # builds expire, evict and report in the same order.
+
+    def _ct_reset(self) -> None:
+        self._all: dict = {}
+        self._lists = [_List(), _List(), _List(), _List()]  # [unused, half-open, established, closed]
+        self._cursor = None
+        self._tokens: dict = {}
+        self._ct_count = 0
+        self._n_state = [0, 0, 0]
+        self._n_pinned = 0
+        self._n_tokens = 0
+
+    def _lpush(self, c, which: int) -> None:
+        lst = self._lists[which]
+        c.lst, c.prev, c.next = which, lst.tail, None
+        if lst.tail is not None:
+            lst.tail.next = c
+        else:
+            lst.head = c
+        lst.tail = c
+        lst.len += 1
+
+    def _lremove(self, c) -> None:
+        if not c.lst:
+            return
+        lst = self._lists[c.lst]
+        if self._cursor is c:
+            self._cursor = c.next
+        if c.prev is not None:
+            c.prev.next = c.next
+        else:
+            lst.head = c.next
+        if c.next is not None:
+            c.next.prev = c.prev
+        else:
+            lst.tail = c.prev
+        c.prev = c.next = None
+        c.lst = 0
+        lst.len -= 1
+
+    def _state_list(self, c) -> int:
+        return 0 if c.pinned else (_L_HALF, _L_EST, _L_CLOSED)[c.state]
+
+    def _event(self, kind: str, c, reason: int = 0) -> None:
+        if len(self._events) >= self._event_capacity:
+            self._events.popleft()
+            self._cst["events_dropped"] += 1
+        self._events.append((kind, self._conn_tuple(c, reason)))
+
+    def _conn_tuple(self, c, reason: int = 0) -> Conn:
+        s, sp, d, dp = c.key
+        return Conn(address_text(s), sp, address_text(d), dp, CT_STATES[c.state], c.created,
+                    c.closed_at if c.state == _S_CLOSED else None, c.client_syn, c.server_syn, c.tagged,
+                    c.token, c.macs[0] if c.macs else None, c.macs[1] if c.macs else None, c.pinned,
+                    c.established_at, CT_CLOSED_BY[c.closed_by], CT_REASONS[reason])
+
+    def _ct_forget(self, c, reason: int, emit: bool) -> None:
+        """Remove a connection; only one that was established is an event (a SYN flood's
+        never are: nothing was told of them, and their events would crowd out the others')."""
+        if emit and c.established_at is not None:
+            self._event(EV_FORGOTTEN, c, reason)
+        self._lremove(c)
+        del self._all[c]
+        if c.token is not None:
+            same = self._tokens[c.token]
+            same.remove(c)
+            if not same:
+                del self._tokens[c.token]
+            self._n_tokens -= 1
+        k = c.key
+        for key in (k, (k[2], k[3], k[0], k[1])):
+            e = self._flows.get(key)
+            if e is not None and e.conn is c:
+                del self._flows[key]
+        self._n_state[c.state] -= 1
+        self._n_pinned -= c.pinned
+        self._ct_count -= 1
+
+    def _ct_make_room(self, half: bool) -> bool:
+        """Evict the oldest half-open connections while a bound is reached; whether one more fits."""
+        lists = self._lists
+        while ((half and lists[_L_HALF].len >= self._max_half_open) or self._ct_count >= self._max_connections) \
+                and lists[_L_HALF].head is not None:
+            self._ct_forget(lists[_L_HALF].head, _R_EVICTED, True)
+            self._cst["half_open_evicted"] += 1
+        while self._ct_count >= self._max_connections and lists[_L_CLOSED].head is not None:
+            self._ct_forget(lists[_L_CLOSED].head, _R_EVICTED, True)  # then the closed, lingering ones
+            self._cst["closed_evicted"] += 1
+        return self._ct_count < self._max_connections
+
+    def _ct_new(self, key: tuple, state: int, created: float, client_syn, tagged: bool, macs, pinned: bool):
+        c = _Conn()
+        self._serial += 1
+        c.key, c.serial, c.state, c.created, c.active = key, self._serial, state, created, created
+        c.client_syn, c.tagged, c.macs, c.pinned = client_syn, tagged, macs, pinned
+        self._all[c] = None
+        self._n_state[state] += 1
+        self._n_pinned += pinned
+        self._ct_count += 1
+        return c
+
+    def _ct_link(self, c) -> None:
+        """Both flow entries of c (created, or taken over), PASS with the engine's punt flags."""
+        k = c.key
+        for role, key in ((_C2S, k), (_S2C, (k[2], k[3], k[0], k[1]))):
+            e = self._flows.get(key)
+            if e is None:
+                e = self._flows[key] = _Entry()
+            e.verdict, e.new_src, e.new_dst, e.new_sport, e.new_dport = PASS, None, None, -1, -1
+            e.punt_flags = RST if role == _S2C and c.token is not None else 0
+            e.conn, e.role = c, role
+
+    def _ct_token(self, c, isn_c: int, isn_s: int) -> None:
+        c.token = migrate_token(isn_c, isn_s)
+        self._tokens.setdefault(c.token, []).append(c)
+        self._n_tokens += 1
+
+    def _classify_ct(self, buf, n: int, cap: int, now: float, partial: bool, direction: int) -> tuple:
+        """_classify() for a frame of known direction in a conntrack table: buf[:n] is the
+        frame, buf[:cap] the room it may grow into; returns (verdict, new length)."""
+        st, cst = self._stats, self._cst
+        st["frames"] += 1
+        st["bytes"] += n
+        frame = buf[:n]
+        v = FrameView(frame, self._link)
+        _parse(v, frame, n)
+        if v.error:
+            st["malformed"] += 1
+            self._errors[v.error] += 1
+            verdict = self._malformed_verdict
+        elif v.ip_proto != IPPROTO_TCP or v.opts & IS_FRAGMENT:
+            st["non_tcp"] += 1
+            verdict = self._nontcp_verdict
+        else:
+            key = (v.src, v.sport, v.dst, v.dport)
+            e = self._flows.get(key)
+            hit = e is not None
+            flags = v.flags
+            syn_only = flags & (SYN | ACK) == SYN
+            synack = flags & (SYN | ACK | RST) == SYN | ACK
+            force = -1
+            trusted = None
+            if direction == IN and syn_only and v.opts & _HAS_MIGRATE:
+                force = PYTHON  # a Migrate SYN: always the control plane's
+                cst["migrate_syns"] += 1
+            elif direction == OUT and syn_only and not v.opts & _HAS_MIGRATE and (key[0] != key[2] or key[1] != key[3]):
+                c = None if e is None else e.conn
+                if e is None or (c is not None and e.role == _C2S and not c.pinned):
+                    trusted = partial or ((v.ip_version != 4 or _ipv4_header_ok(frame, v)) and
+                                          _l4_ok(frame, v, v.l4_off + 16))
+                    m = self._client_syn(buf, n, cap, v, key, c, float(now), partial, trusted)
+                    if m:
+                        n = m
+                        frame = buf[:n]
+                        v = FrameView(frame, self._link)
+                        _parse(v, frame, n)
+                    e = self._flows.get(key)
+            if e is None:
+                st["misses"] += 1
+                verdict = force if force >= 0 else PYTHON if flags & self._default_punt else self._default_verdict
+                if direction == IN and synack:
+                    cst["synacks_unmatched"] += 1
+            else:
+                st["hits" if hit else "misses"] += 1
+                verdict = PYTHON if flags & e.punt_flags else e.verdict
+                if force >= 0:
+                    verdict = force
+                if trusted is None:
+                    trusted = partial or ((v.ip_version != 4 or _ipv4_header_ok(frame, v))
+                                          and _l4_ok(frame, v, v.l4_off + 16))
+                self._track(key, e, v, n, now, verdict, trusted)
+                c = e.conn
+                doomed = None
+                if c is not None and (flags & (SYN | FIN | RST) or e.awaiting_ack) and not c.pinned:
+                    doomed = self._ct_after(key, e, c, v, float(now), verdict, trusted, direction, synack)
+                elif direction == IN and synack:
+                    cst["synacks_unmatched"] += 1
+                if verdict == REWRITE:
+                    _rewrite_view(frame, v, e.new_src, e.new_sport, e.new_dst, e.new_dport, partial)
+                if doomed is not None:
+                    self._ct_forget(doomed, _R_CLOSED, True)
+        st[("passed", "rewritten", "dropped", "to_python")[verdict]] += 1
+        return verdict, n
+
+    def _client_syn(self, buf, n: int, cap: int, v, key: tuple, c, now: float, partial: bool,
+                    trusted: bool) -> int:
+        """A client's SYN of an unknown flow, or of the connection c: tag it, record it.
+        Returns the frame's new length when it was modified (tagged), else 0."""
+        cst = self._cst
+        cst["syns"] += 1
+        mp = bool(v.opts & HAS_MIGRATE_PERMITTED)
+        if mp:
+            cst["syns_already_permitted"] += 1
+        if not trusted:
+            cst["syns_bad_checksum"] += 1  # its receiver drops it: the client sends it again
+            return 0
+        if c is not None:
+            if c.client_syn.isn == v.seq:  # a retransmission: tagged as the first was
+                cst["syns_retransmitted"] += 1
+                if c.tagged and not mp:
+                    m = _tag_syn(buf, n, cap, v, partial)
+                    cst["syns_tagged" if m else "syns_no_room"] += 1
+                    return m
+                return 0
+            if c.state == _S_ESTABLISHED:
+                # not a new connection: the server answers with a challenge ACK (RFC 5961 4.2)
+                # and the connection goes on; a client that really reuses the tuple resets it first
+                cst["syns_on_established"] += 1
+                return 0
+            cst["syns_reused"] += 1  # another ISN: a new connection reusing the 4-tuple
+            self._ct_forget(c, _R_REUSED, True)
+        if not self._ct_make_room(True) or len(self._flows) + 2 > MAX_CAPACITY:
+            cst["syns_untracked_full"] += 1
+            return 0
+        m = 0
+        if not mp and self._tag_syns:
+            m = _tag_syn(buf, n, cap, v, partial)
+            cst["syns_tagged" if m else "syns_no_room"] += 1
+        macs = (bytes(buf[6:12]), bytes(buf[0:6])) if self._link == LINK_ETHERNET else None
+        c = self._ct_new(key, _S_SYN_SENT, now, _syn_options(v), bool(m), macs, False)
+        self._lpush(c, _L_HALF)
+        self._ct_link(c)
+        return m
+
+    def _ct_after(self, key: tuple, e, c, v, now: float, verdict: int, trusted: bool, direction: int,
+                  synack: bool) -> None:
+        """What a tracked frame of c says about the connection's state. Returns a connection to
+        forget once the frame is done with (_ct_close), or None."""
+        if direction == IN and e.role == _S2C and synack:
+            self._synack(key, e, c, v, now, trusted)
+        if e.awaiting_ack and c.state != _S_SYN_SENT:
+            e.awaiting_ack = False
+        if not trusted or c.state == _S_CLOSED:
+            return None
+        flags = v.flags
+        if flags & RST:
+            if verdict in (PASS, REWRITE):
+                if e.role == _C2S and direction == OUT:
+                    return self._ct_close(c, now, _BY_CLIENT_RST)
+                elif e.role == _S2C and direction == IN:
+                    return self._ct_close(c, now, _BY_SERVER_RST)
+        elif e.awaiting_ack:
+            # the client's ACK of the SYN/ACK (or any later segment of it: the ACK may be lost)
+            if direction == OUT and e.role == _C2S and flags & ACK and not flags & SYN \
+                    and c.server_syn is not None and _common.seq_gt(v.ack, c.server_syn.isn) and verdict != DROP:
+                e.awaiting_ack = False
+                self._established(c, now)
+        elif flags & FIN and e.flags_seen & FIN:
+            other = self._flows.get((key[2], key[3], key[0], key[1]))
+            if other is not None and other.flags_seen & FIN:
+                return self._ct_close(c, now, _BY_FIN)
+        return None
+
+    def _synack(self, key: tuple, e, c, v, now: float, trusted: bool) -> None:
+        """The server's SYN/ACK: its ISN, options and the Migrate Token are recorded, but the
+        connection stays half-open until the client acknowledges it (_established): a SYN
+        flood's connections, answered by the server, never complete."""
+        cst = self._cst
+        if c.state == _S_SYN_SENT and c.server_syn is None:
+            if trusted and v.ack == (c.client_syn.isn + 1) & MASK32:
+                c.server_syn = _syn_options(v)
+                if c.tagged or c.client_syn.migrate_permitted:
+                    self._ct_token(c, c.client_syn.isn, v.seq)
+                    e.punt_flags |= RST  # MIGRATE-WAIT: the control plane holds the server's RSTs
+                client = self._flows.get((key[2], key[3], key[0], key[1]))
+                if client is not None and client.conn is c:
+                    client.awaiting_ack = True
+                cst["synacks_matched"] += 1
+            else:
+                cst["synacks_unmatched"] += 1
+        elif (c.state != _S_CLOSED and c.server_syn is not None and trusted and v.seq == c.server_syn.isn
+              and v.ack == (c.client_syn.isn + 1) & MASK32):
+            cst["synacks_retransmitted"] += 1
+        else:
+            cst["synacks_unmatched"] += 1
+
+    def _established(self, c, now: float) -> None:
+        """The client acknowledged the server's SYN/ACK: the handshake is complete."""
+        self._n_state[_S_SYN_SENT] -= 1
+        self._n_state[_S_ESTABLISHED] += 1
+        c.state, c.established_at, c.active = _S_ESTABLISHED, now, now
+        self._lremove(c)
+        self._lpush(c, _L_EST)
+        self._event(EV_ESTABLISHED, c)
+
+    def _ct_close(self, c, now: float, by: int):
+        """Close a connection; returns it if it is to be forgotten at once, when the frame is
+        done with (it never completed its handshake: a flood's, refused by the client's RST,
+        leaves nothing to linger), else None."""
+        self._n_state[c.state] -= 1
+        self._n_state[_S_CLOSED] += 1
+        c.state, c.closed_at, c.closed_by = _S_CLOSED, now, by
+        self._lremove(c)
+        self._lpush(c, _L_CLOSED)
+        self._cst["closed_" + CT_CLOSED_BY[by]] += 1
+        if c.established_at is None:
+            return c
+        self._event(EV_CLOSED, c)
+        return None
+
+    def _conn_of(self, src, sport: int, dst, dport: int):
+        e = self._flows.get(_flow_key(src, sport, dst, dport))
+        return e.conn if e is not None and e.role == _C2S else None
+
+    def expire(self, now: float, budget=1024) -> int:
+        """Forget what has timed out; returns how many connections were forgotten.
+
+        Half-open connections older than half_open_timeout and closed ones closed longer
+        than closed_linger are taken from the heads of their lists (creation / closing
+        order): the cost is what expires. Established ones idle (no frame either way) longer
+        than idle_timeout are found by a sweep that examines at most `budget` of them per
+        call (None: all; the default 1,024 bounds a call's cost, and cycles through 100,000
+        established connections in 98 calls), resuming where the last call stopped. Call it
+        every few milliseconds to seconds. Each forgotten connection
+        queues a "forgotten" event. Pinned connections are never expired.
+        """
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"budget must be None or an integer >= 0, not {budget!r}")
+        now = float(now)
+        with self._lock:
+            if not self._conntrack:
+                return 0
+            cst, lists, n = self._cst, self._lists, 0
+            half, closed, est = lists[_L_HALF], lists[_L_CLOSED], lists[_L_EST]
+            while half.head is not None and now - half.head.created > self._half_open_timeout:
+                self._ct_forget(half.head, _R_HALF_OPEN_TIMEOUT, True)
+                cst["half_open_expired"] += 1
+                n += 1
+            while closed.head is not None and now - closed.head.closed_at > self._closed_linger:
+                self._ct_forget(closed.head, _R_CLOSED, True)
+                cst["closed_expired"] += 1
+                n += 1
+            steps = est.len if budget is None else min(budget, est.len)
+            c = est.head if budget is None else (self._cursor or est.head)
+            flows = self._flows
+            for _ in range(steps):
+                if c is None:
+                    c = est.head
+                nxt = c.next
+                k = c.key
+                last = c.active
+                for key in (k, (k[2], k[3], k[0], k[1])):
+                    e = flows.get(key)
+                    if e is not None and e.last_seen > last:
+                        last = e.last_seen
+                if now - last > self._idle_timeout:
+                    self._ct_forget(c, _R_IDLE, True)
+                    cst["idle_expired"] += 1
+                    n += 1
+                c = nxt
+            self._cursor = None if budget is None else c
+            return n
+
+    def connection(self, src, sport: int, dst, dport: int):
+        """The tracked connection of this client->server 4-tuple, or None."""
+        with self._lock:
+            c = self._conn_of(src, sport, dst, dport)
+            return None if c is None else self._conn_tuple(c)
+
+    def find_token(self, token):
+        """The tracked connection with this Migrate Token (the most recently created if several), or None."""
+        check_u32(token, "token", 64)
+        with self._lock:
+            same = self._tokens.get(token)
+            return None if not same else self._conn_tuple(max(same, key=lambda c: c.serial))
+
+    def connections(self, limit=None) -> list:
+        """The `limit` most recently created (or restored) connections (None: all), oldest first."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be None or an integer >= 0, not {limit!r}")
+        with self._lock:
+            conns = list(itertools.islice(reversed(self._all), limit))
+            return [self._conn_tuple(c) for c in reversed(conns)]
+
+    def pin(self, src, sport: int, dst, dport: int, on: bool = True) -> bool:
+        """The control plane owns this connection's lifecycle (on), or gives it back: a pinned
+        connection is never expired or evicted, and its frames get only their flow entries'
+        verdicts (no state changes, no tagging). False if there is no such connection."""
+        with self._lock:
+            c = self._conn_of(src, sport, dst, dport)
+            if c is None:
+                return False
+            on = bool(on)
+            if on != c.pinned:
+                if on:
+                    self._lremove(c)
+                    c.pinned = True
+                    self._n_pinned += 1
+                else:
+                    c.pinned = False
+                    self._n_pinned -= 1
+                    self._lpush(c, self._state_list(c))
+            return True
+
+    def forget(self, src, sport: int, dst, dport: int) -> bool:
+        """Remove the connection and both its flow entries (no event); False if unknown."""
+        with self._lock:
+            c = self._conn_of(src, sport, dst, dport)
+            if c is None:
+                return False
+            self._ct_forget(c, 0, False)
+            return True
+
+    def restore_connection(self, conn, now=None) -> Conn:
+        """Re-create a connection (both PASS entries, its token) from a record, e.g. a
+        journaled Conn after a restart; it counts as active at `now` (default: its latest
+        recorded time). A connection on either tuple is replaced. Returns it as recorded."""
+        if not self._conntrack:
+            raise ValueError("restore_connection() needs a table with conntrack=True")
+        rec, cpk, spk = check_conn(conn)
+        if now is not None:
+            now = _common._check_number(now, "now")
+        key = (cpk, rec.client_port, spk, rec.server_port)
+        if key[0] == key[2] and key[1] == key[3]:
+            raise ValueError("a connection's two directions must differ")
+        state = CT_STATES.index(rec.state)
+        with self._lock:
+            for k in (key, (key[2], key[3], key[0], key[1])):
+                e = self._flows.get(k)
+                if e is not None and e.conn is not None:
+                    self._ct_forget(e.conn, 0, False)
+            if not self._ct_make_room(state == _S_SYN_SENT and not rec.pinned):
+                raise MemoryError(f"the table tracks at most {self._max_connections} connections")
+            if len(self._flows) + 2 > MAX_CAPACITY:
+                raise MemoryError(f"the flow table holds at most {MAX_CAPACITY} flows")
+            macs = (rec.client_mac, rec.router_mac) if rec.client_mac is not None else None
+            c = self._ct_new(key, state, rec.created, rec.client_syn, rec.tagged, macs, rec.pinned)
+            c.server_syn, c.established_at, c.closed_at = rec.server_syn, rec.established_at, rec.closed_at
+            c.closed_by = CT_CLOSED_BY.index(rec.closed_by)
+            c.active = now if now is not None else max(t for t in (rec.created, rec.established_at, rec.closed_at)
+                                                       if t is not None)
+            if rec.token is not None:
+                self._ct_token(c, rec.client_syn.isn, rec.server_syn.isn)
+            if not c.pinned:
+                self._lpush(c, self._state_list(c))
+            self._ct_link(c)
+            if state == _S_SYN_SENT and c.server_syn is not None:  # the client's ACK establishes it
+                self._flows[key].awaiting_ack = True
+            return self._conn_tuple(c)
+
+    def events(self, limit: int = 1024) -> list:
+        """Drain up to `limit` queued events, oldest first, as (kind, Conn): "established",
+        "closed" and "forgotten" (Conn.forgotten says why). The queue holds event_capacity
+        events; when it is full the oldest are dropped (counted events_dropped)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an integer >= 0, not {limit!r}")
+        with self._lock:
+            q = self._events
+            return [q.popleft() for _ in range(min(limit, len(q)))]
+
+
+_C2S, _S2C = 0, 1
+_S_SYN_SENT, _S_ESTABLISHED, _S_CLOSED = 0, 1, 2
+_L_HALF, _L_EST, _L_CLOSED = 1, 2, 3
+_BY_FIN, _BY_CLIENT_RST, _BY_SERVER_RST = 1, 2, 3
+_R_HALF_OPEN_TIMEOUT, _R_IDLE, _R_CLOSED, _R_EVICTED, _R_REUSED = 1, 2, 3, 4, 5
+
+
+class _List:
+    __slots__ = ("head", "tail", "len")
+
+    def __init__(self) -> None:
+        self.head = self.tail = None
+        self.len = 0
+
+
+class _Conn:
+    __slots__ = ("key", "serial", "state", "created", "established_at", "closed_at", "active", "client_syn",
+                 "server_syn", "tagged", "pinned", "token", "closed_by", "macs", "lst", "prev", "next")
+
+    def __init__(self) -> None:
+        self.established_at = self.closed_at = self.server_syn = self.token = None
+        self.closed_by = self.lst = 0
+        self.prev = self.next = None
+
+
+def _syn_options(v) -> SynOptions:
+    o = v.opts
+    return SynOptions(v.seq, v.mss if o & HAS_MSS else None, v.wscale if o & HAS_WSCALE else None,
+                      bool(o & HAS_SACK_PERMITTED), bool(o & HAS_TIMESTAMPS), v.tsval if o & HAS_TIMESTAMPS else None,
+                      bool(o & HAS_MIGRATE_PERMITTED))
+
+
+def _fold(x: int) -> int:
+    while x >> 16:
+        x = (x & 0xFFFF) + (x >> 16)
+    return x
+
+
+def _tag_syn(buf, n: int, cap: int, v, partial: bool) -> int:
+    """Add Migrate-Permitted to a parsed SYN in buf[:n], where insert_option puts it (after
+    the options before any EOL, NOP-aligned), growing the frame into buf[:cap] if the header
+    has no spare bytes (a header that has keeps its length, the rest EOL). The IP length and
+    both checksums move incrementally (RFC 1624), so a partial (NEEDS_CSUM) frame's
+    pseudo-header sum stays right. Returns the new length, or 0 if there is no room."""
+    l3, l4 = v.l3_off, v.l4_off
+    start, end = l4 + 20, l4 + v.tcp_hdr_len
+    used = start
+    while used < end and buf[used] != OPT_EOL:
+        used += 1 if buf[used] == OPT_NOP else buf[used + 1]
+    keep = used - start
+    pad = -(keep + MIGRATE_PERMITTED_LEN) % 4
+    need = keep + pad + MIGRATE_PERMITTED_LEN
+    old = end - start
+    if need > MAX_TCP_OPTIONS:
+        return 0
+    grow = max(0, need - old)
+    size = old + grow
+    l4len = v.ip_end - l4
+    iplen = v.ip_end - l3 - (0 if v.ip_version == 4 else 40)
+    if grow and (n + grow > cap or iplen + grow > 0xFFFF):
+        return 0
+    new = bytes(buf[start:used]) + b"\x01" * pad + MIGRATE_PERMITTED_OPTION + bytes(size - need)
+    old_sum, new_sum = _sum16(buf[start:end]), _sum16(new)
+    old_w = (buf[l4 + 12] << 8) | buf[l4 + 13]
+    new_w = (((20 + size) >> 2) << 12) | (old_w & 0x0FFF)
+    hc = (buf[l4 + 16] << 8) | buf[l4 + 17]
+    if partial:  # the field is the pseudo-header sum: only the length in it moves
+        if grow:
+            hc = _fold(hc + (~l4len & 0xFFFF) + l4len + grow)
+    else:
+        hc = ~_fold((~hc & 0xFFFF) + (~old_w & 0xFFFF) + new_w + (~old_sum & 0xFFFF) + new_sum
+                    + (~l4len & 0xFFFF) + l4len + grow) & 0xFFFF
+    if grow:
+        if v.ip_version == 4:
+            _put16(buf, l3 + 2, iplen + grow, l3 + 10)
+        else:
+            _H.pack_into(buf, l3 + 4, iplen + grow)
+        buf[end + grow:n + grow] = bytes(buf[end:n])
+    buf[start:start + size] = new
+    _H.pack_into(buf, l4 + 12, new_w)
+    _H.pack_into(buf, l4 + 16, hc)
+    return n + grow
+
+
+def _check_caps(size: int, offsets, lengths, n: int, caps, new_lengths) -> None:
+    if caps is not None:
+        if len(caps) < n:
+            raise ValueError("caps describes fewer frames than count")
+        for i in range(n):
+            if caps[i] < lengths[i] or offsets[i] + caps[i] > size:
+                raise ValueError(f"frame {i}: caps[i] must be >= its length and within the buffer")
+    if new_lengths is not None and (memoryview(new_lengths).readonly or len(new_lengths) < n):
+        raise ValueError("new_lengths must be writable, with room for every frame")
+
+
+def _sha1(data) -> bytes:
+    """SHA-1 (the compiled build has its own, in C; tests compare both with hashlib)."""
+    import hashlib
+    return hashlib.sha1(bytes(data)).digest()
 
 

@@ -8,21 +8,28 @@ One forwarding thread per direction: the compiled build's Forwarder (recvmmsg/se
 in C, GIL released) or, on the pure-Python build, PyForwarder with the same interface.
 Frames the table gives to Python reach punt(direction, frame, vnet_hdr) in the
 forwarding thread; the handler sends what it wants with Bridge.send().
+When the table tracks connections (FlowTable(conntrack=True)), each forwarder classifies
+with its direction (fp.OUT for frames from the client side, fp.IN for the network's), and
+a client SYN the engine tags with Migrate-Permitted grows in its buffer before it is sent.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
 import sys
+import termios
 import threading
 import time
 
 import _fastpath
 
 SOL_PACKET = 263
+PACKET_STATISTICS = 6
+MARK_KEEP = 1.0  # seconds a count of queued frames is kept for later deadlines
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
 ETH_P_ALL = 0x0003
@@ -72,22 +79,45 @@ def open_port(ifname: str, vnet: bool = True) -> socket.socket:
 
 
 class PyForwarder:
-    """The pure-Python twin of _bridge.Forwarder: same constructor, run(), stop(), stats()."""
+    """The pure-Python twin of _bridge.Forwarder: same constructor, run(), stop(), stats().
+    It hands punted frames to punt in its own loop (it runs in Python anyway): no queue, so
+    punt_drops and punt_queue_peak stay 0."""
 
     STAT_NAMES = ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_errors", "dropped", "to_python",
-                  "truncated", "batches", "rx_errors", "last_errno")
+                  "truncated", "batches", "rx_errors", "last_errno", "punt_drops", "punt_queue_peak")
 
     def __init__(self, rx_fd: int, tx_fd: int, table, punt=None, vnet: bool = False, batch: int = 64,
-                 spin_us: float = 0.0) -> None:
+                 spin_us: float = 0.0, direction=None) -> None:
+        self.direction = direction  # fp.OUT / fp.IN: classify_frame() with it; None: classify() as before
+        _fastpath.check_direction(direction)
         self.rx = socket.socket(fileno=os.dup(rx_fd))
         self.tx = socket.socket(fileno=os.dup(tx_fd))
         self.table, self.punt, self.vnet = table, punt, vnet
         self.hdr = VNET_HDR_LEN if vnet else 0
         self._stopping = False
         self._stats = dict.fromkeys(self.STAT_NAMES, 0)
+        self._idle = False
+        self._drained_at = 0.0
 
     def stop(self) -> None:
         self._stopping = True
+
+    def received(self) -> int:
+        """Frames taken from the receive socket so far."""
+        return self._stats["rx_frames"]
+
+    def caught_up(self, t: float) -> bool:
+        """Has every frame that reached the receive socket before monotonic time t been
+        classified and handed to punt?"""
+        if self._drained_at >= t:
+            return True
+        if self._idle:
+            try:
+                pending = fcntl.ioctl(self.rx.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            except OSError:
+                return False
+            return int.from_bytes(pending, sys.byteorder) == 0
+        return False
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -96,27 +126,41 @@ class PyForwarder:
         buf = bytearray(65536 + 256)
         mv = memoryview(buf)
         st, hdr, classify = self._stats, self.hdr, self.table.classify
+        direction, classify_frame, room = self.direction, self.table.classify_frame, len(buf) - self.hdr
         try:
             while not self._stopping:
+                # one frame per receive: the queue is empty only when a receive times out
+                self._idle = True
+                before = time.monotonic()
                 try:
                     n, flags = self.rx.recvmsg_into([buf])[0:3:2]
                 except (BlockingIOError, InterruptedError, socket.timeout):
+                    self._idle = False
+                    self._drained_at = before
                     continue
                 except OSError as exc:
+                    self._idle = False
                     st["rx_errors"] += 1
                     st["last_errno"] = exc.errno or 0
                     if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                         break
                     time.sleep(0.01)
                     continue
+                self._idle = False
                 st["batches"] += 1
                 st["rx_frames"] += 1
                 st["rx_bytes"] += n
                 if flags & socket.MSG_TRUNC or n < hdr:
                     st["truncated"] += 1
                     continue
-                frame = mv[hdr:n]
-                verdict = classify(frame, time.monotonic(), bool(hdr and buf[0] & VNET_F_NEEDS_CSUM))
+                partial = bool(hdr and buf[0] & VNET_F_NEEDS_CSUM)
+                if direction is None:
+                    frame = mv[hdr:n]
+                    verdict = classify(frame, time.monotonic(), partial)
+                else:  # the frame may grow in buf (a tagged SYN)
+                    verdict, length = classify_frame(mv[hdr:], n - hdr, room, time.monotonic(), partial, direction)
+                    n = hdr + length
+                    frame = mv[hdr:n]
                 if verdict in (_fastpath.PASS, _fastpath.REWRITE):
                     try:
                         self.tx.send(mv[:n])
@@ -165,12 +209,19 @@ class Bridge:
             raise
         cls = forwarder_class()
         self.kind = "c" if cls is not PyForwarder else "py"
+        # a conntrack table needs each frame's direction; any other is classified as before
+        self.conntrack = bool(getattr(table, "conntrack", False))
+        engine_dir = {OUT: _fastpath.OUT, IN: _fastpath.IN} if self.conntrack else {OUT: None, IN: None}
         self.forwarders = {
             direction: cls(self.ports[direction].fileno(), self.ports[_other(direction)].fileno(), table,
-                           self._punter(direction), vnet, batch, spin_us)
+                           self._punter(direction), vnet, batch, spin_us, direction=engine_dir[direction])
             for direction in (OUT, IN)
         }
         self.threads = {}
+        self._queued = {OUT: 0, IN: 0}  # frames the kernel queued on each port (PACKET_STATISTICS totals)
+        self._kernel_drops = {OUT: 0, IN: 0}  # ... and those it dropped, the receive queue full
+        self._stats_lock = threading.Lock()
+        self._marks = {OUT: [], IN: []}  # (monotonic time, queued by then), recent first-to-last
         self._send_lock = threading.Lock()
         self.sent_by_python = {OUT: 0, IN: 0}
         self.send_errors = 0
@@ -199,6 +250,47 @@ class Bridge:
             self.send_errors += 1
             return False
 
+    def caught_up(self, direction: str, t: float) -> bool:
+        """Has the `direction` forwarder handled every frame received before monotonic time t?
+
+        Its own answer covers a queue it has emptied (or waits on); under steady load the queue
+        never empties, so the kernel's count of frames queued on the port (PACKET_STATISTICS,
+        read once at or after t) is compared with the frames the forwarder has taken: frames
+        leave the queue in order, so once it has taken that many, it has taken every frame
+        that arrived before t."""
+        fwd = self.forwarders[direction]
+        if fwd.caught_up(t):
+            return True
+        target = self._queued_by(direction, t)
+        return target is not None and fwd.received() >= target
+
+    def _queued_by(self, direction: str, t: float):
+        """How many frames had been queued on the port by a moment at or after t (None: unknown)."""
+        marks = self._marks[direction]
+        for when, count in marks:
+            if when >= t:
+                return count
+        if not self._read_kernel(direction):
+            return None
+        now = time.monotonic()
+        marks.append((now, self._queued[direction]))
+        while marks and marks[0][0] < now - MARK_KEEP:
+            marks.pop(0)
+        return self._queued[direction]
+
+    def _read_kernel(self, direction: str) -> bool:
+        """Add the kernel's PACKET_STATISTICS of a port to the running totals (it resets
+        them on every read)."""
+        with self._stats_lock:  # the status thread reads them too: no lost update
+            try:
+                packets, drops = struct.unpack("II", self.ports[direction].getsockopt(SOL_PACKET, PACKET_STATISTICS,
+                                                                                      8))
+            except (OSError, KeyError, struct.error):
+                return False
+            self._queued[direction] += packets - drops
+            self._kernel_drops[direction] += drops
+        return True
+
     def stop(self, timeout: float = 2.0) -> None:
         for fwd in self.forwarders.values():
             fwd.stop()
@@ -214,6 +306,9 @@ class Bridge:
 
     def stats(self) -> dict:
         out = {direction: fwd.stats() for direction, fwd in getattr(self, "forwarders", {}).items()}
+        for direction in out:
+            self._read_kernel(direction)
+            out[direction]["kernel_drops"] = self._kernel_drops[direction]
         out["kind"] = getattr(self, "kind", None)
         out["vnet"] = self.vnet
         out["sent_by_python"] = dict(self.sent_by_python)

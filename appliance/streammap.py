@@ -21,6 +21,8 @@ passes capture timestamps), and gets events back.
 
 Events (`Event`, with `.kind`, `.conn`, `.request`, `.response`, `.to_dict()`):
   conn_open       the server's SYN/ACK was seen (Ni, Na and both sides' options are known)
+  conn_established the client acknowledged the SYN/ACK: the handshake is complete (from
+                  here on the connection is advertised; a SYN flood's never are)
   request         a request head was parsed completely (client direction)
   response_start  a response head was matched to its request: the moment the entry is worth
                   advertising to the support group
@@ -224,6 +226,7 @@ class Response:
     resumable: bool = False
     unresumable_reason: Optional[str] = None
     t: float = 0.0
+    digest: Optional[bytes] = None  # sha-256 of the whole object, when known (adopt(), the server appliance)
 
     @property
     def body_end(self) -> Optional[int]:
@@ -567,6 +570,7 @@ class Connection:
         self.mp_curve: Optional[int] = None
         self.syn_seen = False
         self.opened = False  # conn_open emitted
+        self.client_acked = False  # the client's ACK of the SYN/ACK seen: the handshake is complete
         self.opened_at: Optional[float] = None
         self.created_at = now
         self.last_seen = now
@@ -585,6 +589,11 @@ class Connection:
         self.unmatched_responses = 0
         self.resp_min_seq: Optional[int] = None  # the next head cannot start before this
         self.upgraded = False
+        self.reqno = 0  # the ReqNo of the Migrate handshake that brought it here (adopt())
+        self.adopted = False
+        self.reset_reason: Optional[str] = None  # it cannot be continued byte-exact, whatever comes
+        self.rcv_base: Optional[int] = None  # client seq where this host's socket began receiving
+        self.snd_base: Optional[int] = None  # server seq where this host's socket began sending
 
     @property
     def key(self) -> tuple:
@@ -669,11 +678,11 @@ class Event:
 
 _COUNTERS = (
     "frames", "bytes", "non_tcp", "fragments", "other_ports", "untracked", "truncated_frames",
-    "opened", "closed", "expired", "evicted", "replaced", "syn_retransmits", "synack_retransmits",
+    "opened", "closed", "expired", "evicted", "replaced", "syns_on_established", "syn_retransmits", "synack_retransmits",
     "synack_mismatch", "server_syns", "requests", "responses", "interim_responses",
     "unmatched_responses", "head_retransmits", "body_lookalikes", "server_payload_other",
     "duplicate_segments", "partial_overlaps", "ooo_segments", "ooo_overflow", "bogus_segments",
-    "capture_gaps", "streams_lost", "after_close",
+    "capture_gaps", "streams_lost", "after_close", "adopted", "before_adopt",
 )
 
 
@@ -779,6 +788,62 @@ class StreamMapper:
         self._segment(conn, v, from_client, now, missing, events)
         return events
 
+    def adopt(self, entry, rcv_nxt: int, snd_nxt: int, now: float) -> Connection:
+        """A connection this replica took over, seeded from its advertised entry (whose server
+        address and port are now this replica's) and the position where it continues: B's
+        rcv_nxt (the client's next byte) and snd_nxt (the next byte B sends). From then on its
+        frames are mapped like any other connection's, so every later request and response on
+        it is seen (and advertised), and its close is reported. An ACTIVE entry brings the
+        response being resumed; a PENDING one, the request about to be answered in full."""
+        key = entry.key
+        old = self._conns.get(key)
+        events: List[Event] = []
+        if old is not None:
+            self._close(old, None, "reused", now, events)
+        self._make_room(now, events)
+        conn = Connection(entry.client_ip, entry.client_port, entry.server_ip, entry.server_port, now)
+        conn.ni, conn.na = entry.ni, entry.na
+        conn.client_options = TcpOptions(entry.c_mss or None, entry.c_wscale if entry.c_wscale >= 0 else None,
+                                         entry.c_sack, entry.c_ts)
+        conn.server_options = TcpOptions(entry.s_mss or None, entry.s_wscale if entry.s_wscale >= 0 else None,
+                                         entry.s_sack, entry.s_ts)
+        conn.migrate_permitted = entry.mp
+        conn.state = ESTABLISHED
+        conn.opened = conn.adopted = conn.client_acked = True
+        conn.opened_at = now
+        conn.reqno = entry.reqno
+        conn.stream = _RequestStream(rcv_nxt & _MASK, self.max_ooo_bytes, self.max_head, self._stats)
+        conn.resp_min_seq = snd_nxt & _MASK
+        conn.rcv_base, conn.snd_base = rcv_nxt & _MASK, snd_nxt & _MASK
+        if entry.state == "RESET":
+            conn.reset_reason = entry.reason or "not resumable"
+        obj = entry.object
+        if entry.state in ("ACTIVE", "PENDING") and obj is not None:
+            headers = [("Host", obj.host)] if obj.host else []
+            if entry.req_range:
+                headers.append(("Range", entry.req_range))
+            req = Request(index=0, method="GET", target=obj.path, version="1.1", headers=headers,
+                          host=obj.host or None, range_raw=entry.req_range, range=parse_range(entry.req_range),
+                          raw=b"", start_seq=rcv_nxt & _MASK, keep_alive=True, t=now)
+            conn.requests.append(req)
+            conn.requests_total = 1
+            if entry.state == "PENDING":
+                conn.pending.append(req)
+            else:
+                cr = None
+                if entry.status == 206:
+                    cr = ContentRange(entry.body_offset, entry.body_offset + entry.body_length - 1,
+                                      obj.total_length)
+                req.response = Response(status=entry.status, content_length=entry.body_length,
+                                        content_range=cr, etag=obj.etag, last_modified=obj.last_modified,
+                                        keep_alive=True, body_start=entry.body_start, resumable=True, t=now,
+                                        digest=obj.digest)
+                conn.responses_total = 1
+                conn.resp_min_seq = req.response.body_end
+        self._conns[key] = conn
+        self._stats["adopted"] += 1
+        return conn
+
     # --- handshake -----------------------------------------------------------------------
 
     def _client_syn(self, key, conn, v, now, missing, events) -> None:
@@ -787,6 +852,11 @@ class StreamMapper:
                 self._stats["syn_retransmits"] += 1
                 self._touch(conn, key, now)
                 conn.last_client = self._last(v, now)
+                return
+            if conn.state == ESTABLISHED and conn.client_acked:
+                # not a new connection: the server's kernel answers it with a challenge ACK
+                # (RFC 5961 4.2) and the connection goes on (a SYN flood hits live ports too)
+                self._stats["syns_on_established"] += 1
                 return
             self._stats["replaced"] += 1
             self._close(conn, None, "reused", now, events)
@@ -825,6 +895,7 @@ class StreamMapper:
             self._stats["synack_mismatch"] += 1
             return
         conn.na = v.seq
+        conn.rcv_base, conn.snd_base = fp.seq_add(conn.ni, 1), fp.seq_add(v.seq, 1)
         conn.server_options = TcpOptions.from_view(v)
         conn.last_server = self._last(v, now)
         conn.resp_min_seq = fp.seq_add(v.seq, 1)
@@ -842,8 +913,18 @@ class StreamMapper:
         if conn.state == CLOSED:
             self._stats["after_close"] += 1
             return
+        if conn.adopted and now < conn.created_at:
+            # captured before the takeover made it ours (the capture hands frames over late):
+            # e.g. this host's RST to the client appliance's SYN/ACK, sent before the repair
+            self._stats["before_adopt"] += 1
+            return
         if from_client:
             conn.last_client = self._last(v, now)
+            if not conn.client_acked and flags & fp.ACK and not flags & fp.RST and conn.na is not None \
+                    and fp.seq_gt(v.ack, conn.na):
+                # a SYN flood's half-open connections never get here: they are never advertised
+                conn.client_acked = True
+                events.append(Event("conn_established", conn, t=now))
             if v.payload_len or missing:
                 self._client_data(conn, v.seq, v.payload, missing, now, events)
         else:

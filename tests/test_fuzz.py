@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from _fastpath import _common as C
 from helpers import (
-    ETH, LINUX_SYN_OPTS, RAW, V4_A, V4_B, V4_C, V6_A, V6_B, V6_C, ICMP, IP, IPv6, Raw, UDP,
-    IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, ether, load_cengine,
-    load_pyengine, raw, tcp4, tcp6, view_dict,
+    ETH, LINUX_SYN_OPTS, MAC_A, MAC_B, RAW, V4_A, V4_B, V4_C, V6_A, V6_B, V6_C, ICMP, IP, IPv6, Raw, UDP,
+    IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, ether, garbage_options,
+    load_cengine, load_pyengine, raw, tcp4, tcp6, view_dict,
 )
 from scapy.layers.inet6 import IPv6ExtHdrSegmentRouting
 
@@ -279,6 +279,77 @@ def test_classify_tracking_same_over_a_flow():
         assert fc == fp
     assert tc.stats() == tp.stats()
     assert [tc.get(*k) for k in keys] == [tp.get(*k) for k in keys]
+
+
+# Both directions of connections whose entries are peers (one pair through rewrite fields),
+# frames with valid, bad and partial checksums, and verdicts changed on the way.
+PEER_KEYS = ((V4_A, 40000, V4_B, 80), (V4_C, 8080, V4_A, 40000), (V6_A, 40001, V6_B, 443), (V6_B, 443, V6_A, 40001),
+             (V4_B, 80, V4_A, 40000))  # the last: the client's plain reverse tuple, not its peer
+PEER_REWRITES = (dict(new_dst=V4_C, new_dport=8080), dict(new_src=V4_B, new_sport=80), {}, {}, {})
+
+
+def _peer_table(engine):
+    t = engine.FlowTable(capacity=4)
+    for key, rw in zip(PEER_KEYS, PEER_REWRITES):
+        t.set(*key, C.REWRITE if rw else C.PASS, **rw)
+    return t
+
+
+def _peer_traffic(seed, count):
+    """(frame, partial, table change or None) triples, the same for both builds."""
+    rng = random.Random(seed)
+    nxt = [rng.getrandbits(32) for _ in PEER_KEYS]
+    out = []
+    for _ in range(count):
+        i = rng.randrange(len(PEER_KEYS))
+        src, sport, dst, dport = PEER_KEYS[i]
+        peer = i ^ 1 if i < 4 else 0
+        seq = nxt[i] if rng.random() < 0.7 else rng.getrandbits(32)
+        ack = (nxt[peer] + rng.randrange(-2000, 2000)) & C.MASK32 if rng.random() < 0.7 else rng.getrandbits(32)
+        flags = rng.choice((C.ACK, C.ACK | C.PSH, C.ACK | C.FIN, C.SYN, C.SYN | C.ACK, C.RST, C.ACK | C.RST))
+        payload = bytes(rng.randrange(0, 300)) if rng.random() < 0.5 else b""
+        f = bytearray(PY.build_tcp(src, dst, sport, dport, seq, ack, flags, rng.getrandbits(16),
+                                   garbage_options(rng), payload, eth_src=MAC_A, eth_dst=MAC_B))
+        if seq == nxt[i] and not flags & C.RST:
+            nxt[i] = (seq + len(payload) + bool(flags & (C.SYN)) + bool(flags & C.FIN)) & C.MASK32
+        r = rng.random()
+        if r < 0.15:
+            f[rng.randrange(14, len(f))] ^= 1 << rng.randrange(8)  # a bad checksum (or a changed header)
+        elif r < 0.25:
+            f = bytearray(mutate(rng, f))
+            if PY.parse(f).ok and rng.random() < 0.7:
+                try:
+                    PY.fix_checksums(f)  # parseable garbage with valid checksums
+                except ValueError:
+                    pass
+        change = None
+        if rng.random() < 0.01:
+            j = rng.randrange(len(PEER_KEYS))
+            change = (j, rng.choice((C.PASS, C.REWRITE, C.DROP, C.PYTHON)), rng.choice((0, C.FIN, C.SYN | C.RST)))
+        out.append((bytes(f), rng.random() < 0.2, change))
+    return out
+
+
+def test_peer_tracking_same_over_both_directions():
+    """Two-sided traffic with valid, bad and partial checksums and verdict changes: identical verdicts,
+    bytes, stats and snapshots (ack, sack, ignored...) after every frame; every kind of refusal happens."""
+    tc, tp = _peer_table(CE), _peer_table(PY)
+    sacks = 0
+    for i, (frame, partial, change) in enumerate(_peer_traffic(31, 4000)):
+        if change is not None:
+            j, verdict, punt = change
+            for t in (tc, tp):
+                t.set(*PEER_KEYS[j], verdict, punt_flags=punt, **PEER_REWRITES[j])
+        fc, fp = bytearray(frame), bytearray(frame)
+        assert tc.classify(fc, i / 4, partial) == tp.classify(fp, i / 4, partial), i
+        assert fc == fp, i
+        flows = [tp.get(*k) for k in PEER_KEYS]
+        assert [tc.get(*k) for k in PEER_KEYS] == flows, i
+        sacks += sum(bool(f.sack) for f in flows)
+    s = tp.stats()
+    assert tc.stats() == s
+    assert s["untracked_bad_csum"] > 100 and s["ack_beyond_sent"] > 100 and sacks > 100
+    assert {tp.get(*k).verdict for k in PEER_KEYS} != {C.PASS, C.REWRITE}  # the verdict changes happened
 
 
 def test_oversized_frame_parses_alike():

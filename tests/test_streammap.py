@@ -95,7 +95,8 @@ def kinds(events):
 
 
 def open_conn(m, flow, now=1.0):
-    return feed(m, [flow.syn(), flow.synack()], now)
+    """The three-way handshake (the client's ACK completes it: conn_established)."""
+    return feed(m, [flow.syn(), flow.synack(), flow.c(b"", flags=fp.ACK)], now)
 
 
 def get(path="/a", host="example.test", extra=b""):
@@ -173,6 +174,19 @@ def test_retransmitted_syn_and_synack_are_ignored_and_mismatch_counted():
     assert m.get(C4, 40001, S4, 80).state == "syn_sent"
 
 
+def test_a_half_open_connection_is_never_advertised():
+    """A SYN flood's connections (SYN, SYN/ACK, then the client's RST or nothing) are not
+    worth advertising: only the client's ACK of the SYN/ACK makes an entry."""
+    from appliance.sync import entry_from_connection
+    m = StreamMapper()
+    flow = Flow()
+    assert kinds(feed(m, [flow.syn(), flow.synack()])) == ["conn_open"]
+    conn = m.get(C4, 40000, S4, 80)
+    assert entry_from_connection(conn) is None and not conn.client_acked
+    assert kinds(feed(m, [flow.c(b"", flags=fp.ACK)])) == ["conn_established"]
+    assert conn.client_acked and entry_from_connection(conn).state == "IDLE"
+
+
 def test_synack_without_syn_opens_with_ni_from_its_ack():
     m = StreamMapper()
     flow = Flow(ni=777)
@@ -181,8 +195,8 @@ def test_synack_without_syn_opens_with_ni_from_its_ack():
     conn = m.get(C4, 40000, S4, 80)
     assert conn.ni == 777 and conn.client_options is None and not conn.syn_seen
     ev, head_seq = exchange(m, flow, get("/x"), ok_head(10), 10)
-    assert kinds(ev) == ["request", "response_start"]
-    assert ev[0].request.start_seq == 778
+    assert kinds(ev) == ["conn_established", "request", "response_start"]  # its data acks the SYN/ACK
+    assert ev[1].request.start_seq == 778
 
 
 # --- one request -------------------------------------------------------------------------
@@ -572,14 +586,20 @@ def test_rst_to_a_syn_closes_quietly():
 
 
 def test_new_syn_on_the_same_tuple_replaces_the_entry():
+    """Of a half-open connection; an established one's kernel answers a SYN with a challenge
+    ACK and goes on, and so does its entry (a SYN flood hits live ports too)."""
     m = StreamMapper()
     flow = Flow()
     open_conn(m, flow)
     again = Flow(ni=900000)
-    ev = feed(m, [again.syn()])
+    assert feed(m, [again.syn()]) == [] and m.get(C4, 40000, S4, 80).ni == flow.ni
+    assert m.counters()["syns_on_established"] == 1
+    m2 = StreamMapper()
+    feed(m2, [flow.syn(), flow.synack()])  # the client's ACK not seen: half-open
+    ev = feed(m2, [again.syn()])
     assert kinds(ev) == ["conn_close"] and ev[0].conn.close_reason == "reused"
-    ev = feed(m, [again.synack()])
-    assert kinds(ev) == ["conn_open"] and m.get(C4, 40000, S4, 80).ni == 900000
+    ev = feed(m2, [again.synack()])
+    assert kinds(ev) == ["conn_open"] and m2.get(C4, 40000, S4, 80).ni == 900000
 
 
 def test_idle_expiry_with_injected_now():
@@ -607,7 +627,7 @@ def test_max_connections_evicts_the_least_recently_seen():
     open_conn(m, flows[1], 2.0)
     feed(m, [flows[0].c(get())], 3.0)
     ev = open_conn(m, flows[2], 4.0)
-    assert kinds(ev) == ["conn_close", "conn_open"]
+    assert kinds(ev) == ["conn_close", "conn_open", "conn_established"]
     assert ev[0].conn.client_port == 2 and ev[0].conn.close_reason == "evicted"
     assert m.counters()["evicted"] == 1
 
@@ -649,7 +669,7 @@ def test_ipv6_connection():
     m = StreamMapper(service_ports={8080})
     flow = Flow(client=C6, server=S6, sport=8080)
     ev = open_conn(m, flow)
-    assert kinds(ev) == ["conn_open"] and ev[0].conn.ip_version == 6
+    assert kinds(ev) == ["conn_open", "conn_established"] and ev[0].conn.ip_version == 6
     assert ev[0].conn.migrate_permitted
     ev, head_seq = exchange(m, flow, get("/six"), ok_head(42), 42)
     assert ev[1].response.body_start == fp.seq_add(head_seq, len(ok_head(42)))
