@@ -18,6 +18,11 @@ Generation holds an flock on ``.lock`` in the cache dir, so concurrent processes
     docroot.ensure(["4k", 65536])           # sizes as names or ints
     docroot.object_path("10m")              # Path("/var/tmp/appliance-docroot/obj-10m")
     docroot.parse_size("10m") == 10485760; docroot.size_name(10485760) == "10m"
+    docroot.copy_to("/var/tmp/x/a", ["1k"])  # real copies (own inodes, mtime MTIME) of the objects
+
+``copy_to`` gives a directory its own copy of the objects (the lab's ``docroot="copy"``): a
+data copy per file (no hard link: a distinct inode, so an inode-based ETag differs), same bytes
+and mtime ``MTIME``, so the mtime/size-based validators match the shared cache's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 DEFAULT_DIR = "/var/tmp/appliance-docroot"
@@ -163,6 +169,33 @@ def ensure(sizes=DEFAULT_SIZES) -> dict:
         if changed:
             _write_manifest(root, manifest)
     return result
+
+
+def copy_to(dest, sizes=DEFAULT_SIZES) -> dict:
+    """Copy obj-<size> for every size from the cache into directory `dest` (created if needed).
+
+    Each file is a real copy (its own inode; written to a temporary name, then renamed), mode
+    0644, mtime MTIME. Returns ensure()'s manifest {"/obj-<size>": (size, sha256hex)}.
+    """
+    objs = ensure(sizes)
+    root = docroot_dir()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    os.chmod(dest, 0o755)
+    for path, (size, _sha) in objs.items():
+        name = path.lstrip("/")
+        tmp = dest / f".{name}.tmp{os.getpid()}"
+        try:
+            shutil.copyfile(root / name, tmp)  # the bytes (sendfile in the kernel), never a link
+            if tmp.stat().st_size != size:
+                raise OSError(f"copy of {root / name} to {dest}: {tmp.stat().st_size} bytes, want {size}")
+            os.chmod(tmp, 0o644)
+            os.utime(tmp, (MTIME, MTIME))
+            os.replace(tmp, dest / name)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return objs
 
 
 def _main(argv=None) -> int:

@@ -4,9 +4,10 @@ Built on ``http.server.ThreadingHTTPServer``. What a migrating connection needs 
 replica's server, and what nginx also does:
 
 * HTTP/1.1 keep-alive (``protocol_version = "HTTP/1.1"``), GET and HEAD; other methods 501.
-* ``Content-Length`` on every response, ``Accept-Ranges: bytes``, ``Last-Modified`` and an
-  nginx-style ``ETag`` ``"<mtime hex>-<size hex>"``, so one object has the same validators on
-  every replica sharing the docroot (and the same as nginx's).
+* ``Content-Length`` on every response (but ``?chunked=1``, below), ``Accept-Ranges: bytes``,
+  ``Last-Modified`` and an nginx-style ``ETag`` ``"<mtime hex>-<size hex>"``, so one object has
+  the same validators on every replica sharing the docroot or holding a copy with the same
+  mtime (and the same as nginx's).
 * One byte range (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) -> 206 with ``Content-Range``;
   a range starting at or past the end (or ``-0``) -> 416 with ``Content-Range: bytes */size``;
   several ranges, a syntactically invalid range or another unit -> 200 with the whole body.
@@ -19,6 +20,20 @@ replica's server, and what nginx also does:
 * Idle keep-alive connections are closed after ``idle_timeout`` seconds (SO_RCVTIMEO, so
   the socket stays blocking for sendfile).
 * Quiet: no per-request logging unless an access log file is given.
+
+Test knobs, chosen by the URL's query string (the query never takes part in finding the
+file: ``/obj-1m?chunked=1`` is ``/obj-1m``); both may be combined, e.g.
+``/obj-1m?chunked=1&delay_ms=500``:
+
+* ``chunked=1``: the response carries ``Transfer-Encoding: chunked`` and no
+  ``Content-Length``; a GET body is written in 64 KiB chunks (a Python loop over the file,
+  no sendfile) and ends with the last chunk (``0`` CRLF CRLF, no trailers). Range and
+  If-Range are ignored (always 200 with the whole body); ETag, Last-Modified and keep-alive
+  are as usual. A HEAD gets the same head and no body. ``chunked=0`` is the normal path.
+* ``delay_ms=N`` (integer, 0..60000): sleep N ms after reading the request and before
+  writing the response head (a slow server: a crash can land between the request and the
+  response head). Applies to every answer of a GET/HEAD, 404 included.
+* Any other value of these two parameters -> 400; other query parameters are ignored.
 
 Run: ``python -m appliance.httpserver --root DIR --bind ADDR --port 80 [--access-log FILE]``.
 In-process (tests)::
@@ -41,10 +56,13 @@ import stat
 import struct
 import sys
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SERVER_VERSION = "appliance-httpserver/1"
+CHUNK_SIZE = 64 * 1024  # the chunk size of ?chunked=1 responses
+MAX_DELAY_MS = 60000
 
 
 def etag_for(st: os.stat_result) -> str:
@@ -91,6 +109,24 @@ def parse_range(header: str | None, size: int):
     if first >= size:
         return "unsatisfiable"
     return (first, min(last, size - 1))
+
+
+def parse_knobs(query: str):
+    """The test knobs of a URL's query string -> {"chunked": bool, "delay_ms": int}.
+
+    ValueError (-> 400) for a bad value of either knob; other parameters are ignored.
+    """
+    knobs = {"chunked": False, "delay_ms": 0}
+    for key, value in urllib.parse.parse_qsl(query or "", keep_blank_values=True):
+        if key == "chunked":
+            if value not in ("0", "1"):
+                raise ValueError(f"chunked: want 0 or 1, got {value!r}")
+            knobs["chunked"] = value == "1"
+        elif key == "delay_ms":
+            if not re.fullmatch(r"\d{1,5}", value) or int(value) > MAX_DELAY_MS:
+                raise ValueError(f"delay_ms: want an integer 0..{MAX_DELAY_MS}, got {value!r}")
+            knobs["delay_ms"] = int(value)
+    return knobs
 
 
 def if_range_matches(value: str, etag: str, mtime: float) -> bool:
@@ -187,6 +223,13 @@ class DocrootHandler(BaseHTTPRequestHandler):
         self._serve(body=False)
 
     def _serve(self, body: bool) -> None:
+        try:
+            knobs = parse_knobs(urllib.parse.urlsplit(self.path).query)
+        except ValueError as exc:
+            self._simple(400, f"bad request: {exc}\n".encode())
+            return
+        if knobs["delay_ms"]:
+            time.sleep(knobs["delay_ms"] / 1000.0)  # a slow server: nothing written yet
         full = self._resolve()
         f = None
         if full is not None:
@@ -205,6 +248,10 @@ class DocrootHandler(BaseHTTPRequestHandler):
             size = st.st_size
             etag = etag_for(st)
             last_modified = http_date(st.st_mtime)
+            ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
+            if knobs["chunked"]:
+                self._serve_chunked(f, size, ctype, etag, last_modified, body)
+                return
             rng = parse_range(self.headers.get("Range"), size)
             if rng is not None:
                 if_range = self.headers.get("If-Range")
@@ -217,7 +264,6 @@ class DocrootHandler(BaseHTTPRequestHandler):
                 code, offset, count = 200, 0, size
             else:
                 code, offset, count = 206, rng[0], rng[1] - rng[0] + 1
-            ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
             self._cork(True)
             try:
                 self.send_response(code)
@@ -233,6 +279,30 @@ class DocrootHandler(BaseHTTPRequestHandler):
                     self.connection.sendfile(f, offset, count)
             finally:
                 self._cork(False)
+
+    def _serve_chunked(self, f, size: int, ctype: str, etag: str, last_modified: str, body: bool) -> None:
+        """?chunked=1: 200, Transfer-Encoding: chunked, the file in CHUNK_SIZE chunks (Range ignored)."""
+        self._cork(True)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Last-Modified", last_modified)
+            self.send_header("ETag", etag)
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if not body:
+                return
+            left = size
+            for _ in range(size // CHUNK_SIZE + 2):  # bounded: the size read by fstat
+                data = f.read(min(CHUNK_SIZE, left)) if left > 0 else b""
+                if not data:
+                    break
+                left -= len(data)
+                self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            self._cork(False)
 
 
 class DocrootHTTPServer(ThreadingHTTPServer):

@@ -56,8 +56,8 @@ MAX_WINDOW = 1 << 30  # the largest window a scaled 16-bit field can say (65535 
 DEFAULT_MSS = 536  # RFC 879: what a peer that sent no MSS option accepts
 MASK32 = 0xFFFFFFFF
 
-__all__ = ["RepairError", "repaired_socket", "even_timestamp", "mark_sent", "silent_close", "read_state",
-           "SocketState"]
+__all__ = ["RepairError", "repaired_socket", "even_timestamp", "mark_sent", "window_probe", "silent_close",
+           "read_state", "SocketState"]
 
 
 class RepairError(OSError):
@@ -113,7 +113,7 @@ def _explain(step: str, exc: OSError, local, remote) -> RepairError:
 def repaired_socket(local: Tuple[str, int], remote: Tuple[str, int], rcv_nxt: int, snd_nxt: int, mss: int,
                     snd_wscale: Optional[int], rcv_wscale: Optional[int], sack: bool, timestamps: bool,
                     ts_val: Optional[int], snd_wnd: int, rcv_wnd: int, *, window_probe: bool = True,
-                    blocking: bool = True) -> socket.socket:
+                    blocking: bool = True, sent: bytes = b"") -> socket.socket:
     """A connected TCP socket that continues a connection in the peer's exact view.
 
     local: (address, port) this socket takes, e.g. the takeover server's own address and the
@@ -133,6 +133,9 @@ def repaired_socket(local: Tuple[str, int], remote: Tuple[str, int], rcv_nxt: in
     window_probe: TCP_REPAIR=0 (one window probe, which also makes the client report its
         exact rcv_nxt and window) or False for TCP_REPAIR=-1 (nothing sent).
     blocking: False returns the socket non-blocking.
+    sent: bytes the client already holds above a hole, from snd_nxt on: queued as sent before
+        repair mode ends (snd_nxt moves past them), so that the client's jump in ack once the
+        hole is filled is an ack of sent data, not of unsent data (which Linux discards).
 
     Raises RepairError (an OSError) naming the step; ValueError for out-of-range values.
     """
@@ -187,6 +190,9 @@ def repaired_socket(local: Tuple[str, int], remote: Tuple[str, int], rcv_nxt: in
         if timestamps:
             step = "TCP_TIMESTAMP"
             sock.setsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP, struct.pack("I", ts))
+        if sent:
+            step = "queue sent data"
+            _queue_sent(sock, sent)
         step = "TCP_REPAIR=0"
         sock.setblocking(blocking)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF if window_probe else TCP_REPAIR_OFF_NO_WP)
@@ -197,6 +203,31 @@ def repaired_socket(local: Tuple[str, int], remote: Tuple[str, int], rcv_nxt: in
             raise
         raise _explain(step, exc, local, remote) from None
     return sock
+
+
+def _queue_sent(sock: socket.socket, data: bytes) -> None:
+    """In repair mode: append data to the send queue as sent (never transmitted as new)."""
+    need = 2 * len(data) + (256 << 10)
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < need:
+            sock.setsockopt(socket.SOL_SOCKET, 32, need)  # SO_SNDBUFFORCE
+    except OSError:
+        pass
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    timeout = sock.gettimeout()
+    sock.settimeout(2.0)
+    try:
+        sock.sendall(data)
+    finally:
+        sock.settimeout(timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+
+
+def window_probe(sock: socket.socket) -> None:
+    """Send one more window probe (repair on, then off): the client answers it with its
+    exact rcv_nxt, window and SACK blocks."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
 
 
 def mark_sent(sock: socket.socket, data: bytes, window_probe: bool = True) -> None:
@@ -210,24 +241,25 @@ def mark_sent(sock: socket.socket, data: bytes, window_probe: bool = True) -> No
     probe (which makes the peer acknowledge them at once) unless window_probe is False."""
     if not data:
         return
-    need = 2 * len(data) + (256 << 10)
-    try:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < need:
-            sock.setsockopt(socket.SOL_SOCKET, 32, need)  # SO_SNDBUFFORCE
-    except OSError:
-        pass
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        timeout = sock.gettimeout()
-        sock.settimeout(2.0)
-        try:
-            sock.sendall(data)
-        finally:
-            sock.settimeout(timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        _queue_sent(sock, data)
     finally:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF if window_probe else TCP_REPAIR_OFF_NO_WP)
+
+
+def set_timestamp(sock: socket.socket, tsval: int) -> int:
+    """Move a connected socket's TSval clock to `tsval` (made even), in and out of repair mode
+    without a window probe; returns the value set. For a clock that turned out to be behind
+    the client's ts_recent: the client's PAWS check would drop every segment until it caught
+    up."""
+    ts = even_timestamp(_u32(tsval, "tsval"))
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP, struct.pack("I", ts))
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    return ts
 
 
 def silent_close(sock: socket.socket) -> None:

@@ -1,957 +1,219 @@
-"""The takeover server: continue another replica's live HTTP downloads at the exact next byte.
+"""The takeover engine: continue another replica's live HTTP downloads at the exact next byte,
+or end them with a reset the client's kernel accepts: never a hang, never a splice of other bytes.
 
-When a support-group peer A dies (or is drained), this replica B takes over each connection
-the selection layer hands it (`selection.TakeoverAction`, or an `sync.Entry` directly):
+For each connection the selection layer hands it (`selection.TakeoverAction`, or an
+`sync.Entry` for a planned migration), on an asyncio loop, with no thread per connection:
 
-1. **Migrate SYN.** B sends, from its own address and the service port (B_ip:B_port) to the
-   client, a SYN carrying only the Migrate option (P=1, ReqNo = entry.reqno + 1, Token and
-   Request from Ni, Na, K = 0 and S = entry.body_start), through a raw IP socket
-   (appliance.inject.RawInjector), and retransmits it with exponential backoff (200 ms,
-   doubling; gives up after 3 s) until the answer comes.
-2. **SYN/ACK.** The client appliance answers for the client: seq = the client's acknowledged
-   byte (B's rcv_nxt), ack = the client's rcv_nxt (B's snd_nxt), window = the client's last
-   window field, TSval/TSecr = the client's last TSval and the last TSval it accepted. A raw
-   TCP socket with a classic BPF filter (only SYN+ACK or RST to the service ports) receives
-   it. A RST from the client instead means the Migrate SYN was refused: give up. B's kernel
-   answers the SYN/ACK with a RST of its own (no socket has the 4-tuple yet); the client
-   appliance drops it, and nothing here depends on it.
-3. **Repair.** `appliance.repair.repaired_socket()` builds B's socket in the client's exact
-   view (sequence space, window scales, MSS, SACK, timestamp clock = TSecr + 1, even); its
-   TCP_REPAIR=0 window probe is "B's first ACK" for the client appliance.
-4. **Resume** at offset = (ack - body_start) mod 2**32 + body_offset (never ahead of the
-   client), see `plan_resume()`: the rest of the body comes from B's own HTTP server as
-   `Range: bytes=<offset>-<last>`, accepted only as a 206 with the same total length, first
-   byte, ETag and Last-Modified as A's response (else the client connection is reset: a
-   refusal), and is copied socket to socket with splice(2) through a pipe, never through
-   Python; then the connection is relayed both ways to that same keep-alive local
-   connection (later requests are proxied to the local server) until either side closes.
-   A connection whose response is complete (or IDLE) is adopted (relay only); one whose
-   first response had not begun is answered in full (the request re-issued).
+1. **Claim, then check, else pass.** A group action is claimed when it starts (`on_claim`:
+   the other candidates stand down, even while it waits in a long queue). An ACTIVE entry's
+   object is then checked against this replica's own server: its last byte, asked for over
+   a pool of keep-alive connections (appliance.localhttp.ProbePool), must come back as a
+   206 of an object with the advertised length and validators (appliance.resume, at the
+   group's `validators` level; under ``digest`` this replica's digest of its copy must
+   equal the advertised one). If it does not, the connection is passed on (`on_pass`
+   withdraws the claim: the next candidate acts at once), unless this is the last
+   candidate, which resets the client instead (a planned one stays where it is).
+2. **Migrate handshake** (appliance.handshake): Migrate SYNs until the client appliance's
+   SYN/ACK gives the client's exact position (and what it holds above a hole).
+3. **Local fetch**: the rest of the body as `Range: bytes=<offset>-<last>` on a keep-alive
+   connection to the local server, its head validated again; or the request re-issued
+   whole (a PENDING entry, or one whose response had not begun); or nothing (adopt).
+4. **Repair** (appliance.repair): B's socket in the client's exact view. Bytes the client
+   holds above a hole are queued as already sent, so its jump in ack once the hole is
+   filled is an ack of sent data.
+5. **Verify**: the client's answer to an old-byte probe (handshake.old_byte_probe, seen by a
+   raw socket filtered to that 4-tuple; at most `verify_slots` such sockets at once) must
+   show the position the SYN/ACK gave; a client a little ahead is caught up (those bytes
+   are marked sent), one behind B (B would be ahead: a hole nobody fills) is reset. No
+   answer: probe again; still none: reset. No first body byte leaves before this.
+6. **Relay** (appliance.relay): the rest of the body spliced into the socket, then later
+   requests proxied to the local server on the same keep-alive connection, both ways,
+   until either side closes. `on_owned(entry, rcv_nxt, snd_nxt)` hands the connection to
+   the server appliance (its stream mapper adopts it, so later responses are advertised as
+   this replica's); `on_released(entry)` when the relay ends.
 
-Layers: `Handshake` (sans-I/O: frames and `now` in, Migrate SYN bytes and repair parameters
-out), `plan_resume` and the 206 checks (pure), `read_head`/`open_range` and `relay` (blocking
-socket helpers, used by one worker thread per connection), and `TakeoverEngine`, which owns
-the raw sockets, the handshakes, the workers and the counters, with an asyncio adapter
-(`attach(loop)`). Every step is reported through `on_event(kind, **fields)`:
+Whenever a takeover cannot go on once the client appliance has answered (a RESET-only
+entry, the client inside a response head, a local server that fails, a lost position),
+this replica sends a **Migrate RST** (appliance.handshake.migrate_rst): with P set the
+client appliance resets the client at once; for a planned migration P is clear and the
+connection stays with its old server.
 
-    migrate_syn_sent  attempt, seq, reqno
-    synack            seq, ack, window, tsval, tsecr, rtt_ms
-    repaired          ms (since start), repair_ms (the syscalls), plan
+Outcomes, one per takeover (event "outcome", and counters): resumed, reset (with the reason),
+passed, failed (no SYN/ACK, refused by the client appliance, an internal error). Every step
+is also an event through on_event(kind, **fields) with client, client_port, server,
+server_port (A's), mono, wall and since_start_ms:
+
+    checked           ok, reason, ms, cached
+    passed / claimed  reason (passed)
+    migrate_syn_sent  attempt, seq, reqno, sent
+    synack            seq, ack, window, tsval, tsecr, rtt_ms, attempts, held_above
+    repaired          ms, repair_ms, plan, held_above
+    resynced          stale_ack, ack, gap: the client was ahead of its SYN/ACK; fixed
+    reprobe           attempt
+    ts_advanced       tsval, ts_recent, to: B's TSval clock was behind the client's; moved
     resumed           mode (resume/adopt/whole), offset, bytes_left
     first_byte        ms: the first byte written to the client's socket
-    resynced          stale_ack, ack, gap: the client was ahead of its SYN/ACK; fixed
-    ack_unverified    waited_ms: no answer to the window probe seen (carried on as planned)
-    body_sent         bytes, seconds: the resumed range is all written (mode resume only)
-    refused           reason: B reset the client connection on purpose
+    body_sent         bytes, seconds
+    refused           reason: the client is reset on purpose (a Migrate RST was sent)
     done              bytes, bytes_from_client, seconds, end
-    failed            reason: the takeover could not happen (no SYN/ACK, RST, repair error)
+    failed            reason
+    outcome           outcome, reason
 
-Each event also has client, client_port, server, server_port (A's), mono (time.monotonic())
-and wall (time.time()) of the moment it happened, and since_start_ms.
-
-Running it in the server appliance (appliance/server.py)::
-
-    engine = TakeoverEngine(local_ip, service_ports, http_port,
-                            on_event=lambda kind, **f: writer.event(kind, **f),
-                            on_owned=lambda e: group.local_add(e, time.monotonic()),
-                            on_released=lambda e: group.local_remove(e.key, time.monotonic()))
-    engine.attach(loop)                      # in the loop's thread
-    for action in group.pop_actions():       # selection.TakeoverAction
-        engine.start(action)
-    snapshot["takeover"] = engine.snapshot()
-    engine.close()                           # at shutdown
-
-What the client appliance should guarantee (besides the protocol above): the SYN/ACK's ack
-is the client's exact rcv_nxt. Segments of the old server already passed to the client but
-not yet acknowledged by it (delayed ACK; a planned migration with A still sending) make a
-stale ack, and if B starts more than its initial window (~14 KB) behind, the connection
-stalls for good (notes/tcp-repair.md, pitfall 6): answer only once the client's ACK covers
-the last byte forwarded from the old server (bounded wait), or elicit a fresh ACK first.
-B catches it anyway (verify_ack: the client's answer to the window probe carries its real
-rcv_nxt; up to max_resync bytes are fixed, a "resynced" event), at the price of waiting
-for that answer (one RTT, in parallel with the local fetch) before the first byte.
+More work than `max_active` takeovers being set up at once waits in a queue (counted, never
+failed; a relay holds no slot), served closest-to-stalling first: resets (a client waiting
+for an error), then requests waiting for their whole response, then responses in flight,
+then idle connections (nobody waits on them); in arrival order within each.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
+import asyncio
+import heapq
 import ipaddress
-import os
-import re
-import select
 import socket
-import struct
-import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
-
-import httptools
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional
 
 import _fastpath as fp
 
-from . import repair
+from . import localhttp, repair
+from .handshake import (
+    ADOPT, BACKOFF, GIVE_UP, INITIAL_RTO, REFUSE, RESET, RESET_ONLY, RESUME, WHOLE, Handshake, Plan, RepairParams,
+    answers_probe, best_answer, migrate_rst, old_byte_probe, plan_resume, probe_seq,
+)
+from .rawsock import AckWatch, Receiver, TakeoverError, interface_ipv4
+from .relay import PIPE_SIZE, Relay
+from .resume import Refused, check_probe, check_range_head, probe_request, range_request, whole_request
 
-__all__ = [
-    "Handshake", "RepairParams", "SynAck", "Plan", "plan_resume", "Refused", "range_request",
-    "whole_request", "check_range_head", "read_head", "open_range", "relay", "synack_filter", "owned_entry",
-    "interface_ipv4", "tuple_filter", "ClientAck",
-    "TakeoverEngine", "SENT", "ANSWERED", "RESET", "EXPIRED", "RESUME", "ADOPT", "WHOLE", "REFUSE",
-]
+__all__ = ["TakeoverEngine", "TakeoverError", "interface_ipv4", "owned_entry", "Refused", "Plan", "plan_resume",
+           "RESUMED", "RESET_OUTCOME", "PASSED", "FAILED"]
 
-MASK32 = 0xFFFFFFFF
-INITIAL_RTO = 0.2
-BACKOFF = 2.0
-GIVE_UP = 3.0
-MAX_HEAD = 65536
-PIPE_SIZE = 1 << 20
-MAX_RESYNC = 4 << 20  # bytes a stale SYN/ACK ack may be behind the client and still be fixed
-
-SENT, ANSWERED, RESET, EXPIRED = "sent", "answered", "reset", "expired"
-RESUME, ADOPT, WHOLE, REFUSE = "resume", "adopt", "whole", "refuse"
+VERIFY_SLOTS = 64  # takeovers between repair and the client's answer at once (each holds a raw socket)
+HANDSHAKE_SLOTS = 128  # Migrate handshakes awaiting their SYN/ACK at once (the client appliance's queue)
+LATE_ANSWER_FOR = 30.0  # seconds a given-up handshake still answers a late SYN/ACK (a Migrate RST, P clear)
+LATE_ANSWER_MAX = 16384  # ... and how many of them are remembered
+MAX_INITIAL_RTO = 2.0  # seconds: the most a first Migrate SYN waits before its retransmission
+MAX_RESYNC = 4 << 20  # bytes the client may be ahead of its SYN/ACK and still be caught up
+URGENCY = {"RESET": 0, "PENDING": 1, "ACTIVE": 2, "IDLE": 3}  # who waits most for a takeover: first
+CHECK_CACHE_S = 2.0  # a check of one object (path and validators) holds this long
+RESUMED, RESET_OUTCOME, PASSED, FAILED = "resumed", "reset", "passed", "failed"
 
 
 def _text(packed: bytes) -> str:
     return fp.address_text(packed)
 
 
-# --- The handshake, sans-I/O --------------------------------------------------------------------
+class _Failed(Exception):
+    """The takeover cannot happen and nothing can be told to the client (str: the reason)."""
 
 
-class SynAck(NamedTuple):
-    """The client appliance's SYN/ACK as received."""
-
-    seq: int  # the client's acknowledged byte: B's rcv_nxt
-    ack: int  # the client's rcv_nxt: B's snd_nxt
-    window: int  # the client's last window field (unscaled)
-    tsval: Optional[int]
-    tsecr: Optional[int]  # the last TSval the client accepted from the old server
-    rtt: float  # seconds since the latest Migrate SYN was sent
-    elapsed: float  # seconds since the first one
-    attempts: int
-
-
-class RepairParams(NamedTuple):
-    """The arguments of appliance.repair.repaired_socket() for one takeover."""
-
-    local: Tuple[str, int]
-    remote: Tuple[str, int]
-    rcv_nxt: int
-    snd_nxt: int
-    mss: int
-    snd_wscale: Optional[int]
-    rcv_wscale: Optional[int]
-    sack: bool
-    timestamps: bool
-    ts_val: Optional[int]
-    snd_wnd: int
-    rcv_wnd: int
-
-    def kwargs(self) -> dict:
-        return self._asdict()
-
-
-class Handshake:
-    """One connection's Migrate handshake: the Migrate SYN and its retransmissions, and the
-    check that a SYN/ACK answers it. Sans-I/O: `now` is passed in, bytes come out.
-
-    entry: the advertised sync.Entry of the connection (A's address is in it; the client's
-    address and port, Ni, Na, options, reqno). local_ip: this replica's address (text or
-    packed); local_port: B's service port (default: the entry's server port).
-    """
-
-    def __init__(self, entry, local_ip, now: float, local_port: Optional[int] = None,
-                 initial_rto: float = INITIAL_RTO, backoff: float = BACKOFF, give_up: float = GIVE_UP,
-                 build_migrate_syn: Callable = None) -> None:
-        if initial_rto <= 0 or backoff < 1 or give_up <= 0:
-            raise ValueError("initial_rto and give_up must be positive, backoff at least 1")
-        self.entry = entry
-        self.local = fp.pack_address(local_ip)
-        if len(self.local) != len(entry.client_ip):
-            raise ValueError("the local address and the client's are of different families")
-        self.local_port = entry.server_port if local_port is None else local_port
-        self.seq = entry.body_start & MASK32  # S: any value works; it is an input of Request
-        self.reqno = fp.reqno_next(entry.reqno)
-        self.token = fp.migrate_token(entry.ni, entry.na)
-        self.request = fp.migrate_request(entry.ni, entry.na, b"", self.seq, self.reqno)
-        build = build_migrate_syn or fp.build_migrate_syn
-        self.packet = build(self.local, entry.client_ip, self.local_port, entry.client_port, seq=self.seq,
-                            reqno=self.reqno, token=self.token, request=self.request, preload=True)
-        self.initial_rto, self.backoff, self.give_up = initial_rto, backoff, give_up
-        self.started = now
-        self.state = SENT
-        self.reason = ""
-        self.attempts = 0
-        self.sent_at: List[float] = []
-        self._next_due = now
-        self._rto = initial_rto
-        self.synack: Optional[SynAck] = None
-
-    @property
-    def match(self) -> tuple:
-        """(src, sport, dst, dport) of the answer: the Migrate SYN's 4-tuple reversed."""
-        return (self.entry.client_ip, self.entry.client_port, self.local, self.local_port)
-
-    def datagrams(self, now: float) -> List[bytes]:
-        """The Migrate SYN if one is due at `now` (the first at once, then after 200 ms,
-        400 ms, ... while the give-up time has not come), else []."""
-        if self.state != SENT or now < self._next_due or now >= self.started + self.give_up:
-            return []
-        self.attempts += 1
-        self.sent_at.append(now)
-        self._next_due = now + self._rto
-        self._rto *= self.backoff
-        return [self.packet]
-
-    def next_deadline(self) -> Optional[float]:
-        """When datagrams() or expired() next has something to do; None once settled."""
-        if self.state != SENT:
-            return None
-        return min(self._next_due, self.started + self.give_up)
-
-    def expired(self, now: float) -> bool:
-        """True (and state EXPIRED) once give_up seconds passed without an answer."""
-        if self.state == SENT and now >= self.started + self.give_up:
-            self.state = EXPIRED
-            self.reason = f"no SYN/ACK within {self.give_up:g} s ({self.attempts} Migrate SYNs sent)"
-        return self.state == EXPIRED
-
-    def on_synack(self, view, now: float) -> Optional[RepairParams]:
-        """The repair parameters if `view` (a parsed IP packet) answers our Migrate SYN.
-
-        None if it is not ours (another 4-tuple, not SYN+ACK, or we are not waiting). A RST
-        from the client for our 4-tuple while waiting sets state RESET (the client appliance
-        refused the Migrate SYN) and also returns None. The SYN/ACK needs no Migrate option.
-        """
-        if self.state != SENT or not view.is_tcp:
-            return None
-        if (view.src, view.sport, view.dst, view.dport) != self.match:
-            return None
-        flags = view.flags
-        if flags & fp.RST:
-            self.state = RESET
-            self.reason = "the client appliance reset the Migrate SYN (refused: token, Request or ReqNo)"
-            return None
-        if flags & (fp.SYN | fp.ACK) != fp.SYN | fp.ACK:
-            return None
-        e = self.entry
-        last = self.sent_at[-1] if self.sent_at else self.started
-        has_ts = bool(view.opts & fp.HAS_TIMESTAMPS)
-        self.synack = SynAck(view.seq, view.ack, view.window, view.tsval if has_ts else None,
-                             view.tsecr if has_ts else None, now - last, now - self.started, self.attempts)
-        self.state = ANSWERED
-        return repair_params(e, self.local, self.local_port, self.synack)
-
-
-def repair_params(entry, local: bytes, local_port: int, synack: SynAck) -> RepairParams:
-    """What repaired_socket() needs, from the advertised entry and the SYN/ACK."""
-    e = entry
-    wscale = e.c_wscale >= 0 and e.s_wscale >= 0
-    snd_ws = e.c_wscale if wscale else None
-    rcv_ws = e.s_wscale if wscale else None
-    ts = e.c_ts and e.s_ts and synack.tsecr is not None
-    ts_val = repair.even_timestamp(synack.tsecr + 1) if ts else None
-    snd_wnd = min(synack.window << (snd_ws or 0), repair.MAX_WINDOW)
-    rcv_wnd = min(65535 << (rcv_ws or 0), repair.MAX_WINDOW)
-    return RepairParams((_text(local), local_port), (_text(e.client_ip), e.client_port), synack.seq, synack.ack,
-                        e.c_mss or repair.DEFAULT_MSS, snd_ws, rcv_ws, bool(e.c_sack and e.s_sack), ts, ts_val,
-                        snd_wnd, rcv_wnd)
-
-
-# --- Where to resume --------------------------------------------------------------------------
-
-
-class Plan(NamedTuple):
-    kind: str  # RESUME, ADOPT, WHOLE or REFUSE
-    offset: Optional[int] = None  # object offset of the next byte the client wants (RESUME, WHOLE)
-    bytes_left: int = 0  # body bytes still to send (RESUME: to the end of A's response)
-    reason: str = ""  # REFUSE: why
-    beyond: int = 0  # ADOPT: how far the client is past the end of the advertised response
-
-
-def plan_resume(entry, ack: int) -> Plan:
-    """What to do, given the SYN/ACK's ack (the client's rcv_nxt).
-
-    Positions are measured from Na + 1 modulo 2**32, so the 2**32 wrap is harmless:
-    * IDLE entry -> ADOPT (relay only).
-    * ack == Na + 1 (the first response had not begun) -> WHOLE (re-issue the request).
-    * ack before body_start otherwise -> REFUSE "inside the response head".
-    * received = (ack - body_start) mod 2**32 < body_length -> RESUME at
-      body_offset + received, body_length - received bytes left.
-    * received >= body_length (the response is complete) -> ADOPT.
-    """
-    if entry.state != "ACTIVE":  # sync.IDLE
-        return Plan(ADOPT)
-    first = (entry.na + 1) & MASK32
-    if ack & MASK32 == first:
-        return Plan(WHOLE, entry.body_offset, entry.body_length)
-    pos = (ack - first) & MASK32
-    body = (entry.body_start - first) & MASK32
-    if pos < body:
-        return Plan(REFUSE, reason=f"inside the response head ({body - pos} bytes before the body)")
-    received = (ack - entry.body_start) & MASK32
-    if received < entry.body_length:
-        return Plan(RESUME, entry.body_offset + received, entry.body_length - received)
-    return Plan(ADOPT, beyond=received - entry.body_length)
-
-
-# --- The local HTTP server ------------------------------------------------------------------------
-
-
-class Refused(Exception):
-    """The takeover must not continue; the client connection is reset. str() is the reason."""
-
-
-def _host(entry, default: str) -> str:
-    host = getattr(entry.object, "host", "") if entry.object is not None else ""
-    return host or default
-
-
-def range_request(entry, offset: int, host_default: str) -> bytes:
-    """GET <path> with Range: bytes=<offset>-<last of A's response>, keep-alive."""
-    last = entry.body_offset + entry.body_length - 1
-    return (f"GET {entry.object.path} HTTP/1.1\r\nHost: {_host(entry, host_default)}\r\n"
-            f"Range: bytes={offset}-{last}\r\nConnection: keep-alive\r\n\r\n").encode("latin-1")
-
-
-def whole_request(entry, host_default: str) -> bytes:
-    """The original request again (its Range, if any), keep-alive."""
-    rng = f"Range: {entry.req_range}\r\n" if entry.req_range else ""
-    return (f"GET {entry.object.path} HTTP/1.1\r\nHost: {_host(entry, host_default)}\r\n{rng}"
-            f"Connection: keep-alive\r\n\r\n").encode("latin-1")
-
-
-class _Head:
-    __slots__ = ("headers", "complete")
-
-    def __init__(self) -> None:
-        self.headers: Dict[str, str] = {}
-        self.complete = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
-
-
-class ResponseHead(NamedTuple):
-    status: int
-    headers: Dict[str, str]  # names lower-cased
-    length: int  # bytes of the head, blank line included
-
-
-def parse_head(data: bytes) -> ResponseHead:
-    """Parse a complete response head (up to and including the blank line) with httptools."""
-    h = _Head()
-    parser = httptools.HttpResponseParser(h)
-    try:
-        parser.feed_data(data)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-        if not h.complete:
-            raise Refused(f"local server: unparsable response head ({exc or type(exc).__name__})") from None
-    if not h.complete:
-        raise Refused("local server: incomplete response head")
-    return ResponseHead(parser.get_status_code(), h.headers, len(data))
-
-
-def read_head(sock: socket.socket, deadline: float, limit: int = MAX_HEAD, consume: bool = True) -> ResponseHead:
-    """Read exactly the response head from a blocking socket, leaving the body in it.
-
-    Peeks (MSG_PEEK) until the blank line is there, raising SO_RCVLOWAT to wait for more
-    bytes instead of spinning, then consumes just the head (unless consume is False): the
-    body stays in the kernel for splice()."""
-    want = 1
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Refused("local server: no complete response head in time")
-            sock.settimeout(left)
-            try:
-                data = sock.recv(limit, socket.MSG_PEEK)
-            except socket.timeout:
-                raise Refused("local server: no complete response head in time") from None
-            if not data:
-                raise Refused("local server closed the connection before a response head")
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                head = parse_head(data[:end + 4])
-                break
-            if len(data) >= limit:
-                raise Refused(f"local server: response head longer than {limit} bytes")
-            if len(data) < want:  # readable below SO_RCVLOWAT: the peer's FIN came first
-                raise Refused("local server closed the connection before a response head")
-            want = len(data) + 1
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-    finally:
-        if want > 1:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-    if not consume:
-        return head
-    got = sock.recv(head.length, socket.MSG_WAITALL)
-    if len(got) != head.length:
-        raise Refused("local server: the response head vanished while being read")
-    return head
-
-
-_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d+)-(\d+)/(\d+)\s*\Z", re.I)
-
-
-def check_range_head(head: ResponseHead, entry, offset: int) -> Optional[str]:
-    """Why the local answer to range_request() must not be spliced into the client's stream,
-    or None: it must be a 206 for exactly [offset, A's last byte] of an object with A's total
-    length, ETag and Last-Modified (when A's response had them), with that Content-Length."""
-    obj = entry.object
-    last = entry.body_offset + entry.body_length - 1
-    count = last - offset + 1
-    h = head.headers
-    if head.status != 206:
-        return f"status: local server answered {head.status}, not 206"
-    if "transfer-encoding" in h:
-        return f"transfer-encoding: local response is {h['transfer-encoding']}"
-    m = _CONTENT_RANGE.match(h.get("content-range", ""))
-    if not m:
-        return f"content-range: unusable ({h.get('content-range')!r})"
-    first, end, total = (int(x) for x in m.groups())
-    if total != obj.total_length:
-        return f"total: the local object has {total} bytes, A's had {obj.total_length}"
-    if first != offset:
-        return f"first byte: the local range starts at {first}, not {offset}"
-    if end != last:
-        return f"last byte: the local range ends at {end}, not {last}"
-    if h.get("content-length") != str(count):
-        return f"content-length: {h.get('content-length')!r}, not {count}"
-    if obj.etag is not None and h.get("etag") != obj.etag:
-        return f"etag: local {h.get('etag')!r} differs from A's {obj.etag!r}"
-    if obj.last_modified is not None and h.get("last-modified") != obj.last_modified:
-        return f"last-modified: local {h.get('last-modified')!r} differs from A's {obj.last_modified!r}"
-    return None
-
-
-def owned_entry(entry, local: bytes, local_port: int, reqno: int, head: Optional[ResponseHead] = None):
-    """The sync.Entry this replica advertises for a connection it took over, or None.
-
-    B continues in the client's own sequence space, so A's entry stays true for the
-    response being resumed; only the server address (B's), the port and the ReqNo (the one
-    this takeover used, so the next takeover uses a newer one) change. For a response B
-    sent whole, `head` is B's own response head: the body starts after it (Na + 1 + its
-    length); None is returned when that response could not be resumed (no Content-Length,
-    chunked, a status other than 200/206)."""
-    from dataclasses import replace
-
-    from .sync import ObjectRef
-
+def owned_entry(entry, local: bytes, local_port: int, reqno: int, plan: Plan):
+    """What the new owner's stream mapper adopts: A's entry with B's address and port and the
+    ReqNo this takeover used (so the next takeover uses a newer one); a response about to be
+    answered whole is a PENDING request; a connection adopted with nothing in flight is IDLE."""
     e = replace(entry, server_ip=local, server_port=local_port, reqno=reqno)
-    if head is None:
-        return e
-    h = head.headers
-    if head.status not in (200, 206) or "transfer-encoding" in h or not h.get("content-length", "").isdigit():
-        return None
-    length = int(h["content-length"])
-    offset, total = 0, length
-    if head.status == 206:
-        m = _CONTENT_RANGE.match(h.get("content-range", ""))
-        if not m:
-            return None
-        offset, total = int(m.group(1)), int(m.group(3))
-    obj = ObjectRef(entry.object.host, entry.object.path, h.get("etag"), h.get("last-modified"), total)
-    return replace(e, object=obj, status=head.status, body_start=(entry.na + 1 + head.length) & MASK32,
-                   body_offset=offset, body_length=length)
-
-
-def _recv_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Refused("local server: the body did not come in time")
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(min(n - len(buf), 1 << 20))
-        except socket.timeout:
-            continue
-        if not chunk:
-            raise Refused("local server: the body ended early")
-        buf += chunk
-    return bytes(buf)
-
-
-def connect_local(addr: Tuple[str, int], timeout: float) -> socket.socket:
-    try:
-        sock = socket.create_connection(addr, timeout=timeout)
-    except OSError as exc:
-        raise Refused(f"local server {addr[0]}:{addr[1]}: {exc.strerror or exc}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def open_range(addr: Tuple[str, int], entry, offset: int, timeout: float = 5.0,
-               host_default: Optional[str] = None) -> Tuple[socket.socket, ResponseHead]:
-    """A local keep-alive connection whose next bytes are A's body from `offset` on, the
-    validated head consumed. Raises Refused with the reason otherwise."""
-    deadline = time.monotonic() + timeout
-    sock = connect_local(addr, timeout)
-    try:
-        sock.sendall(range_request(entry, offset, host_default or addr[0]))
-        head = read_head(sock, deadline)
-        why = check_range_head(head, entry, offset)
-        if why:
-            raise Refused(why)
-    except BaseException as exc:
-        sock.close()
-        if isinstance(exc, OSError):
-            raise Refused(f"local server: {exc.strerror or exc}") from None
-        raise
-    return sock, head
-
-
-# --- Relaying with splice(2) ------------------------------------------------------------------------
-
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_IN, _OUT, _BAD = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP | select.POLLNVAL
-
-
-class _Dir:
-    # full: the last splice into the pipe found it full. A pipe holds a fixed number of
-    # buffers, and splice from a TCP socket fills one per skb fragment, so it can be full with
-    # far fewer than `cap` bytes; polling the source then only spins.
-    __slots__ = ("src", "dst", "r", "w", "cap", "pending", "eof", "moved", "shut", "full")
-
-    def __init__(self, src: socket.socket, dst: socket.socket, pipe_size: int) -> None:
-        self.src, self.dst = src, dst
-        self.r, self.w = os.pipe()
-        try:
-            self.cap = fcntl.fcntl(self.w, _F_SETPIPE_SZ, pipe_size)
-        except OSError:
-            self.cap = 65536
-        self.pending = 0
-        self.eof = self.shut = self.full = False
-        self.moved = 0
-
-    def close(self) -> None:
-        os.close(self.r)
-        os.close(self.w)
-
-
-class RelayResult(NamedTuple):
-    to_client: int
-    to_local: int
-    end: str  # why it ended
-
-
-def relay(client: socket.socket, local: socket.socket, stop: Optional[threading.Event] = None,
-          idle_timeout: float = 300.0, pipe_size: int = PIPE_SIZE,
-          on_client_bytes: Optional[Callable[[int], None]] = None, tick: float = 0.25,
-          on_local_bytes: Optional[Callable[[int], None]] = None) -> RelayResult:
-    """Copy bytes both ways between two sockets with splice(2) through pipes, in this thread.
-
-    local -> client first of all (the resumed body, then later responses); client -> local
-    (later requests). Ends when the local side closes (its last bytes delivered), on an
-    error or reset of either side, after idle_timeout seconds without a byte either way, or
-    when `stop` is set (checked every `tick`). A client FIN is passed on as a shutdown of the
-    local socket's sending side; the relay then waits for the local side. on_client_bytes(n)
-    is called with the running total after each write to the client, on_local_bytes(n) after
-    each write to the local server. The sockets are left non-blocking and open (the caller
-    closes them)."""
-    client.setblocking(False)
-    local.setblocking(False)
-    down = _Dir(local, client, pipe_size)  # local -> client
-    up = _Dir(client, local, pipe_size)  # client -> local
-    cfd, lfd = client.fileno(), local.fileno()
-    names = {cfd: "client", lfd: "local"}
-    poller = select.poll()
-    registered = {}
-    end = None
-    spins = 0
-    last_move = time.monotonic()
-    try:
-        while end is None:
-            if stop is not None and stop.is_set():
-                end = "stopped"
-                break
-            masks = {cfd: 0, lfd: 0}
-            for d in (down, up):
-                if not d.eof and d.pending < d.cap and not d.full:
-                    masks[d.src.fileno()] |= _IN
-                if d.pending:
-                    masks[d.dst.fileno()] |= _OUT
-            for fd, m in masks.items():
-                if m:
-                    if registered.get(fd) != m:
-                        poller.register(fd, m)
-                        registered[fd] = m
-                elif fd in registered:
-                    poller.unregister(fd)
-                    del registered[fd]
-            if not registered:  # nothing to wait for: both directions finished
-                end = "closed"
-                break
-            ready = dict(poller.poll(tick * 1000))
-            now = time.monotonic()
-            if now - last_move > idle_timeout:
-                end = "idle"
-                break
-            if not ready:
-                continue
-            moved_before = down.moved + up.moved + down.pending + up.pending
-            eofs_before = down.eof + up.eof
-            for d in (down, up):
-                sfd, dfd = d.src.fileno(), d.dst.fileno()
-                if not d.eof and d.pending < d.cap and not d.full and ready.get(sfd, 0) & (_IN | _BAD):
-                    try:
-                        n = os.splice(sfd, d.w, d.cap - d.pending, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        n = -1
-                        d.full = d.pending > 0  # the pipe's buffers are all taken: wait for the sink
-                    except OSError as exc:
-                        end = f"{names[sfd]} error: {exc.strerror or exc}"
-                        break
-                    if n == 0:
-                        d.eof = True
-                    elif n > 0:
-                        d.pending += n
-                        last_move = now
-                if d.pending and (ready.get(dfd, 0) & (_OUT | _BAD) or ready.get(sfd, 0) & _IN):
-                    try:
-                        n = os.splice(d.r, dfd, d.pending, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        n = 0
-                    except OSError as exc:
-                        end = f"{names[dfd]} error: {exc.strerror or exc}"
-                        break
-                    if n > 0:
-                        d.pending -= n
-                        d.moved += n
-                        d.full = False
-                        last_move = now
-                        if d is down:
-                            if on_client_bytes is not None:
-                                on_client_bytes(d.moved)
-                        elif on_local_bytes is not None:
-                            on_local_bytes(d.moved)
-                if d.eof and not d.pending:
-                    if d is down:
-                        end = "local closed"
-                        break
-                    if not d.shut:  # the client's FIN, passed on
-                        d.shut = True
-                        try:
-                            local.shutdown(socket.SHUT_WR)
-                        except OSError:
-                            pass
-                if end is None and ready.get(dfd, 0) & select.POLLERR and not d.pending:
-                    err = d.dst.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        end = f"{names[dfd]} error: {os.strerror(err)}"
-                        break
-            if down.moved + up.moved + down.pending + up.pending + down.eof + up.eof != moved_before + eofs_before:
-                spins = 0
-            else:  # woken for nothing (an error or hang-up nobody reads): bounded
-                spins += 1
-                if spins > 1000:
-                    end = "stalled"
-                    break
-    finally:
-        down.close()
-        up.close()
-    return RelayResult(down.moved, up.moved, end)
-
-
-# --- Receiving SYN/ACKs: a classic BPF filter for a raw TCP socket ----------------------------------
-
-SO_ATTACH_FILTER = 26
-SO_RCVBUFFORCE = 33
-_LDB_ABS, _LDH_ABS, _LDXB_MSH, _LDH_IND, _LDB_IND = 0x30, 0x28, 0xB1, 0x48, 0x50
-_LDX_IMM, _JEQ, _JSET, _AND, _RET = 0x01, 0x15, 0x45, 0x54, 0x06
-
-
-def synack_filter(ports, ipv4: bool = True) -> List[Tuple[int, int, int, int]]:
-    """A classic BPF program for a raw TCP socket admitting only segments to `ports` that
-    carry SYN+ACK, or RST. IPv4 raw sockets see the IP header first (unfragmented TCP is
-    checked); IPv6 ones see the TCP header. Instructions as (code, jt, jf, k)."""
-    ports = sorted(set(int(p) for p in ports))
-    if not ports or not all(0 < p < 65536 for p in ports):
-        raise ValueError("service ports must be 1..65535")
-    prog: list = []  # entries: [code, jt, jf, k] with jt/jf as labels or ints
-    if ipv4:
-        prog += [[_LDB_ABS, 0, 0, 9], [_JEQ, 0, "drop", 6],
-                 [_LDH_ABS, 0, 0, 6], [_JSET, "drop", 0, 0x1FFF],
-                 [_LDXB_MSH, 0, 0, 0]]
-    else:
-        prog += [[_LDX_IMM, 0, 0, 0]]
-    prog.append([_LDH_IND, 0, 0, 2])
-    for i, p in enumerate(ports):
-        prog.append([_JEQ, "flags", 0 if i + 1 < len(ports) else "drop", p])
-    labels = {"flags": len(prog)}
-    prog += [[_LDB_IND, 0, 0, 13], [_JSET, "accept", 0, 0x04], [_AND, 0, 0, 0x12], [_JEQ, "accept", "drop", 0x12]]
-    labels["accept"] = len(prog)
-    prog.append([_RET, 0, 0, 0x40000])
-    labels["drop"] = len(prog)
-    prog.append([_RET, 0, 0, 0])
-    out = []
-    for i, (code, jt, jf, k) in enumerate(prog):
-        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
-        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
-        out.append((code, jt, jf, k))
-    return out
-
-
-def attach_filter(sock: socket.socket, prog) -> None:
-    code = b"".join(struct.pack("HBBI", c, jt, jf, k) for c, jt, jf, k in prog)
-    buf = ctypes.create_string_buffer(code)
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", len(prog), ctypes.addressof(buf)))
-
-
-class TakeoverError(OSError):
-    """The engine cannot run here (e.g. no privilege for raw sockets)."""
-
-
-IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
-IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-
-
-class _Receiver:
-    """A raw TCP socket with the SYN/ACK filter; yields whole IP packets (IPv6 heads rebuilt)."""
-
-    def __init__(self, family: int, ports) -> None:
-        try:
-            sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP)
-        except PermissionError:
-            raise TakeoverError(errno.EPERM, "the SYN/ACK receiver needs a raw socket (CAP_NET_RAW: run as root)") \
-                from None
-        try:
-            attach_filter(sock, synack_filter(ports, family == socket.AF_INET))
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-            try:  # a mass failover brings a SYN/ACK per connection at once
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.setblocking(False)
-            for _ in range(100_000):  # what arrived before the filter was attached
-                try:
-                    sock.recv(65536)
-                except BlockingIOError:
-                    break
-        except OSError:
-            sock.close()
-            raise
-        self.sock, self.family = sock, family
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def read(self, limit: int) -> List[bytes]:
-        out = []
-        for _ in range(limit):
-            try:
-                if self.family == socket.AF_INET:
-                    out.append(self.sock.recv(65536))
-                    continue
-                data, anc, _, addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(20))
-            except BlockingIOError:
-                break
-            except OSError:
-                break
-            dst = None
-            for level, kind, cdata in anc:
-                if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(cdata) >= 16:
-                    dst = cdata[:16]
-            if dst is None:
-                continue
-            src = socket.inet_pton(socket.AF_INET6, addr[0].split("%")[0])
-            out.append(struct.pack("!IHBB16s16s", 6 << 28, len(data), socket.IPPROTO_TCP, 64, src, dst) + data)
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-_LD_ABS = 0x20
-
-
-def tuple_filter(client_ip: bytes, client_port: int, local_port: int) -> List[Tuple[int, int, int, int]]:
-    """A classic BPF program for a raw TCP socket admitting only ACK-carrying segments from
-    client_ip:client_port to local_port (IPv4; for IPv6, whose raw sockets see no IP header,
-    the ports only: check the source address when reading)."""
-    prog: list = []
-    if len(client_ip) == 4:
-        prog += [[_LDB_ABS, 0, 0, 9], [_JEQ, 0, "drop", 6], [_LDH_ABS, 0, 0, 6], [_JSET, "drop", 0, 0x1FFF],
-                 [_LD_ABS, 0, 0, 12], [_JEQ, 0, "drop", int.from_bytes(client_ip, "big")], [_LDXB_MSH, 0, 0, 0]]
-    else:
-        prog.append([_LDX_IMM, 0, 0, 0])
-    prog += [[_LDH_IND, 0, 0, 0], [_JEQ, 0, "drop", client_port], [_LDH_IND, 0, 0, 2], [_JEQ, 0, "drop", local_port],
-             [_LDB_IND, 0, 0, 13], [_JSET, 0, "drop", 0x10], [_RET, 0, 0, 0x40000], [_RET, 0, 0, 0]]
-    drop = len(prog) - 1
-    return [(c, drop - i - 1 if jt == "drop" else jt, drop - i - 1 if jf == "drop" else jf, k)
-            for i, (c, jt, jf, k) in enumerate(prog)]
-
-
-class ClientAck(NamedTuple):
-    seq: int
-    ack: int  # the client's rcv_nxt as it really is
-    window: int
-    tsval: Optional[int]
-    tsecr: Optional[int]
-
-
-class _AckWatch:
-    """Sees the client's first segment to a repaired socket: its answer to the window probe,
-    which carries the client's real rcv_nxt. Opened before the repair, read once, closed."""
-
-    def __init__(self, client_ip: bytes, client_port: int, local: bytes, local_port: int) -> None:
-        self.family = socket.AF_INET if len(client_ip) == 4 else socket.AF_INET6
-        self.client_ip, self.local = client_ip, local
-        sock = socket.socket(self.family, socket.SOCK_RAW, socket.IPPROTO_TCP)
-        try:
-            attach_filter(sock, tuple_filter(client_ip, client_port, local_port))
-            sock.setblocking(False)
-            for _ in range(10_000):
-                try:
-                    sock.recv(65536)
-                except BlockingIOError:
-                    break
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-    def first_ack(self, deadline: float) -> Optional[ClientAck]:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            r, _, _ = select.select([self.sock], [], [], left)
-            if not r:
-                return None
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except BlockingIOError:
-                continue
-            if self.family == socket.AF_INET6:
-                if socket.inet_pton(socket.AF_INET6, addr[0].split("%")[0]) != self.client_ip:
-                    continue
-                data = struct.pack("!IHBB16s16s", 6 << 28, len(data), socket.IPPROTO_TCP, 64, self.client_ip,
-                                   self.local) + data
-            v = fp.parse(data, fp.LINK_RAW)
-            if v.is_tcp and v.flags & fp.ACK and not v.flags & (fp.SYN | fp.RST):
-                ts = bool(v.opts & fp.HAS_TIMESTAMPS)
-                return ClientAck(v.seq, v.ack, v.window, v.tsval if ts else None, v.tsecr if ts else None)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-SIOCGIFADDR = 0x8915
-
-
-def interface_ipv4(iface: str) -> str:
-    """The IPv4 address of an interface (e.g. service.iface), for TakeoverEngine's local_ip.
-    Raises OSError (EADDRNOTAVAIL, ENODEV) when it has none or does not exist."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16s16x", iface.encode()[:15])
-        res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, ifreq)
-    return socket.inet_ntoa(res[20:24])
-
-
-# --- The engine ------------------------------------------------------------------------------------
+    if plan.kind == WHOLE:
+        first = (entry.na + 1) & 0xFFFFFFFF if entry.state == "ACTIVE" else entry.body_start
+        obj = entry.object
+        return replace(e, state="PENDING", object=replace(obj, etag=None, last_modified=None, total_length=0,
+                                                         digest=None),
+                       status=0, body_start=first, body_offset=0, body_length=0, reason=None)
+    if plan.kind == ADOPT:
+        return replace(e, state="IDLE", object=None, req_range=None, status=0, body_start=0, body_offset=0,
+                       body_length=0, reason=None)
+    return e
 
 
 @dataclass
 class _Takeover:
     key: tuple
     entry: object
-    hs: Handshake
-    started: float  # time.monotonic() at start (the handshake runs on the caller's `now`)
+    action: object  # the TakeoverAction, or None (a planned migration or a direct start)
+    planned: bool
     fields: dict
-    phase: str = "handshake"  # handshake, repairing, fetching, relaying, done, refused, failed
+    started: float
+    local_port: int
+    phase: str = "queued"  # queued checking handshake fetching repairing verifying relaying + the end ones
+    hs: Optional[Handshake] = None
+    synack: Optional[asyncio.Future] = None
+    timer: object = None
     plan: Optional[Plan] = None
+    params: Optional[RepairParams] = None
     sock: Optional[socket.socket] = None
     local: Optional[socket.socket] = None
-    thread: Optional[threading.Thread] = None
-    stop: Optional[threading.Event] = None
+    relay: Optional[Relay] = None
+    watch: Optional[AckWatch] = None
+    task: object = None
     to_client: int = 0
     to_local: int = 0
     first_byte: Optional[float] = None
     ended: Optional[float] = None
     reason: str = ""
-    owned: object = None  # the sync.Entry this replica advertises for it while relaying
-    params: Optional[RepairParams] = None
-    watch: Optional[_AckWatch] = None
+    outcome: Optional[str] = None
+    owned: object = None
+    sent_above: int = 0  # bytes queued as sent at repair (held by the client above a hole)
+    slot: bool = False  # counts against max_active (setup under way)
     repaired_at: float = 0.0
 
     def row(self, now: float) -> dict:
         p = self.plan
-        return {**self.fields, "phase": self.phase, "attempts": self.hs.attempts,
+        return {**self.fields, "phase": self.phase, "attempts": self.hs.attempts if self.hs else 0,
                 "age_s": round((self.ended or now) - self.started, 3), "plan": p.kind if p else None,
                 "offset": p.offset if p else None, "bytes_left": p.bytes_left if p else None,
                 "to_client": self.to_client, "to_local": self.to_local, "reason": self.reason,
-                "reqno": self.hs.reqno}
-
-
-def _linger_reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the kernel sends a RST instead of a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
+                "outcome": self.outcome, "reqno": self.hs.reqno if self.hs else None}
 
 
 class TakeoverEngine:
-    """Takes over connections of dead (or draining) peers on this replica.
+    """Takes over connections of dead (or draining) peers on this replica (module docstring).
 
     local_ip: this replica's address (Migrate SYNs leave from it; repaired sockets bind it).
-    service_ports: the ports this replica serves (B_port is the entry's server port when it
-        is one of them, else the first); the receiver admits SYN/ACKs and RSTs to them only.
+    service_ports: the ports this replica serves (B's port is the entry's server port when
+        it is one of them, else the first); the receiver admits SYN/ACKs and RSTs to them only.
     http_port: the local HTTP server's port (reached at http_host, default local_ip).
-    on_event(kind, **fields): the report of every step (module docstring). With a loop
-        attached, events from worker threads are delivered in the loop's thread.
+    validators: "strict", "last-modified" or "digest" (appliance.resume);
+    digest_of(path) -> sha-256 bytes or None: this replica's digest of its copy (digest level).
+    on_event(kind, **fields), on_claim(action), on_pass(action), on_owned(entry, rcv_nxt,
+        snd_nxt), on_released(entry): called in the loop's thread.
     injector: sends IP packets (default appliance.inject.RawInjector()).
     receiver: open the raw SYN/ACK socket (False: feed() packets yourself, e.g. in tests).
     socket_factory: builds the socket from RepairParams (default repair.repaired_socket).
-    max_active: takeovers at once (each relay holds 2 sockets, 2 pipes and a thread);
-        more are failed at start ("busy").
-    verify_ack: (default: when receiver is on) check the SYN/ACK's ack against the client's
-        answer to the repaired socket's window probe, read on a raw socket filtered to that
-        one 4-tuple while the local response is fetched. If the client is ahead (a stale
-        ack: bytes of the old server's still unacknowledged when the client appliance
-        answered), the missing bytes (at most max_resync) are marked as sent in the
-        repaired socket (repair.mark_sent) and the resume point moves up: a "resynced"
-        event. Without this a gap larger than the initial window stalls the connection.
-    on_owned(entry) / on_released(entry): this replica now serves the connection and should
-        advertise `entry` to its group (owned_entry(): A's entry with B's address, port and
-        the ReqNo used), so that a later takeover from B (a cascade) works; released when
-        the relay ends, or when the client sends a later request (the entry would be stale:
-        the relay does not parse the responses it splices). Called in the loop's thread when
-        a loop is attached. owned_entries() lists the current ones.
+    verify_ack: (default: when receiver is on) wait for the client's answer to the window probe.
+    max_active: takeovers running at once; more wait in a queue.
+    retry_alive(action) -> bool: the client appliance refused a failover because it still hears
+        the server (a false suspicion): try it again after a backoff (retry_backoff: first,
+        cap) while this says the server is still held dead (its real death must not be missed).
 
-    Drive it with attach(loop) (asyncio), or call on_readable(now), poll(now) and
-    next_deadline() from any loop; start(), abort(), on_readable() and poll() belong to one
-    thread (the loop's). Relays run in their own daemon threads; close() stops them.
+    attach(loop) in the loop's thread before start(); close() at the end.
     """
 
     def __init__(self, local_ip: str, service_ports, http_port: int, on_event: Callable = None,
                  injector=None, *, http_host: Optional[str] = None, initial_rto: float = INITIAL_RTO,
                  backoff: float = BACKOFF, give_up: float = GIVE_UP, receiver: bool = True,
-                 socket_factory: Optional[Callable] = None, max_active: int = 256, fetch_timeout: float = 5.0,
-                 idle_timeout: float = 300.0, pipe_size: int = PIPE_SIZE, keep_finished: int = 100,
-                 on_owned: Optional[Callable] = None, on_released: Optional[Callable] = None,
-                 verify_ack: Optional[bool] = None, max_resync: int = MAX_RESYNC) -> None:
+                 socket_factory: Optional[Callable] = None, validators: str = "strict",
+                 digest_of: Optional[Callable] = None, max_active: int = 1024, fetch_timeout: float = 5.0,
+                 check_timeout: float = 2.0, idle_timeout: float = 300.0, pipe_size: int = PIPE_SIZE,
+                 keep_finished: int = 100, on_owned: Optional[Callable] = None,
+                 on_released: Optional[Callable] = None, on_claim: Optional[Callable] = None,
+                 on_pass: Optional[Callable] = None, verify_ack: Optional[bool] = None,
+                 max_resync: int = MAX_RESYNC, probe_wait=(0.05, 1.0), reprobes: int = 4,
+                 retry_alive: Optional[Callable] = None, retry_backoff=(0.5, 4.0),
+                 verify_slots: int = VERIFY_SLOTS, handshake_slots: int = HANDSHAKE_SLOTS) -> None:
         self.local_ip = str(ipaddress.ip_address(local_ip))
         self.local_packed = fp.pack_address(self.local_ip)
         self.family = socket.AF_INET6 if len(self.local_packed) == 16 else socket.AF_INET
         self.service_ports = sorted(set(int(p) for p in service_ports))
         if not self.service_ports:
             raise ValueError("at least one service port")
+        if validators not in ("strict", "last-modified", "digest"):
+            raise ValueError(f"validators must be strict, last-modified or digest, not {validators!r}")
+        self.validators = validators
+        self.digest_of = digest_of
         self.http_addr = (http_host or self.local_ip, int(http_port))
         self.on_event = on_event
-        self.on_owned, self.on_released = on_owned, on_released
+        self.on_owned, self.on_released, self.on_claim, self.on_pass = on_owned, on_released, on_claim, on_pass
         if injector is None:
             from .inject import RawInjector
             injector = RawInjector()
@@ -959,26 +221,45 @@ class TakeoverEngine:
         self.timing = (initial_rto, backoff, give_up)
         self.socket_factory = socket_factory or repair.repaired_socket
         self.max_active = max_active
-        self.fetch_timeout, self.idle_timeout, self.pipe_size = fetch_timeout, idle_timeout, pipe_size
-        self._receiver = _Receiver(self.family, self.service_ports) if receiver else None
+        self.fetch_timeout, self.check_timeout = fetch_timeout, check_timeout
+        self.idle_timeout, self.pipe_size = idle_timeout, pipe_size
+        self._receiver = Receiver(self.family, self.service_ports) if receiver else None
         self.verify_ack = receiver if verify_ack is None else verify_ack
         self.max_resync = max_resync
-        self._lock = threading.Lock()
-        self._event_lock = threading.Lock()
-        self._active: "OrderedDict[tuple, _Takeover]" = OrderedDict()
-        self._by_match: Dict[tuple, _Takeover] = {}
+        self.probe_wait, self.reprobes = probe_wait, reprobes
+        if verify_slots < 1 or handshake_slots < 1:
+            raise ValueError("verify_slots and handshake_slots must be at least 1")
+        self.verify_slots, self.handshake_slots = verify_slots, handshake_slots
+        self._verifying: Optional[asyncio.Semaphore] = None
+        self._handshaking: Optional[asyncio.Semaphore] = None
+        self._srtt: Optional[float] = None  # smoothed SYN/ACK time of first attempts (Karn)
+        self.retry_alive, self.retry_backoff = retry_alive, retry_backoff
+        self._retries: Dict[tuple, int] = {}
+        self._active: "OrderedDict[tuple, _Takeover]" = OrderedDict()  # running or queued
+        self._queue: list = []  # heap of (urgency, arrival, takeover)
+        self._arrivals = 0
+        self._running = 0
+        self._by_match: Dict[tuple, _Takeover] = {}  # handshakes in flight, by the SYN/ACK's 4-tuple
+        self._ended: "OrderedDict[tuple, tuple]" = OrderedDict()  # given-up handshakes: match -> (hs, when)
+        self._by_client: Dict[tuple, _Takeover] = {}  # every takeover not over, by the same 4-tuple
         self._finished: deque = deque(maxlen=keep_finished)
+        self._checks: Dict[tuple, tuple] = {}  # (path, validators of the entry) -> (at, reason)
+        self._pool: Optional[localhttp.ProbePool] = None
         self._loop = None
-        self._timer = None
         self._closed = False
         self._counters = dict.fromkeys(
-            ("started", "migrate_syns", "retransmissions", "synacks", "repaired", "resumed", "adopted", "whole",
-             "refused", "failed", "done", "duplicates", "busy", "packets", "ignored", "bytes_to_client",
-             "bytes_from_client", "send_errors"), 0)
+            ("started", "queued", "checks", "checks_cached", "checks_failed", "claimed", "passed", "migrate_syns",
+             "retransmissions", "synacks", "repaired", "resumed", "adopted", "whole", "refused", "resets_sent",
+             "failed", "done", "duplicates", "superseded", "packets", "ignored", "bytes_to_client", "bytes_from_client",
+             "send_errors", "late_synacks", "resynced", "reprobes", "answers_unmarked", "ts_advanced", "held_above", "retries_scheduled", "retries",
+             "outcome_resumed", "outcome_reset",
+             "outcome_passed", "outcome_failed"), 0)
 
-    # -- events ----------------------------------------------------------------------------------
+    # -- events --------------------------------------------------------------------------------
 
     def _emit(self, t: Optional[_Takeover], kind: str, **fields) -> None:
+        if self.on_event is None:
+            return
         mono = time.monotonic()
         base = dict(t.fields) if t is not None else {}
         if t is not None:
@@ -986,171 +267,28 @@ class TakeoverEngine:
         base.update(fields)
         base["mono"] = mono
         base["wall"] = time.time()
-        if self.on_event is not None:
-            self._in_loop(self.on_event, kind, **base)
+        self._call(self.on_event, kind, **base)
 
-    def _in_loop(self, fn: Callable, *args, **kw) -> None:
-        """Call fn in the loop's thread when a loop is attached (else here, serialized)."""
-        loop = self._loop
-        if loop is not None and threading.current_thread() is not self._loop_thread:
-            try:
-                loop.call_soon_threadsafe(lambda: self._call(fn, args, kw))
-                return
-            except RuntimeError:  # the loop is closed: call here
-                pass
-        self._call(fn, args, kw)
-
-    def _call(self, fn: Callable, args, kw) -> None:
-        with self._event_lock:
-            try:
-                fn(*args, **kw)
-            except Exception:  # a reporting bug must not break a takeover
-                pass
-
-    def _own(self, t: _Takeover, entry) -> None:
-        t.owned = entry
-        if entry is not None and self.on_owned is not None:
-            self._in_loop(self.on_owned, entry)
-
-    def _release(self, t: _Takeover) -> None:
-        entry, t.owned = t.owned, None
-        if entry is not None and self.on_released is not None:
-            self._in_loop(self.on_released, entry)
-
-    def owned_entries(self) -> list:
-        """The entries this replica should advertise for connections it took over."""
-        with self._lock:
-            return [t.owned for t in self._active.values() if t.owned is not None]
+    @staticmethod
+    def _call(fn: Optional[Callable], *args, **kw) -> None:
+        if fn is None:
+            return
+        try:
+            fn(*args, **kw)
+        except Exception:  # noqa: BLE001  a reporting bug must not break a takeover
+            pass
 
     def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counters[name] += n
+        self._counters[name] += n
 
-    # -- starting --------------------------------------------------------------------------------
-
-    def start(self, action_or_entry, now: Optional[float] = None) -> bool:
-        """Begin taking over a connection: a selection.TakeoverAction or a sync.Entry.
-
-        Sends the first Migrate SYN at once. False (with a failed event) when the entry
-        cannot be migrated here, or it is already being taken over (counted, no event)."""
-        now = time.monotonic() if now is None else now
-        entry = getattr(action_or_entry, "entry", action_or_entry)
-        key = entry.key
-        fields = {"client": _text(entry.client_ip), "client_port": entry.client_port,
-                  "server": _text(entry.server_ip), "server_port": entry.server_port}
-        if self._closed:
-            return False
-        with self._lock:
-            if key in self._active:
-                self._counters["duplicates"] += 1
-                return False
-        problem = None
-        local_port = entry.server_port if entry.server_port in self.service_ports else self.service_ports[0]
-        match = (entry.client_ip, entry.client_port, self.local_packed, local_port)
-        if not entry.mp:
-            problem = "the client's SYN had no Migrate-Permitted"
-        elif len(entry.client_ip) != len(self.local_packed):
-            problem = "the client's address family differs from this replica's"
-        elif match in self._by_match:
-            problem = "another takeover of this client address and port is in progress"
-        elif len(self._active) >= self.max_active:
-            problem = f"busy: {self.max_active} takeovers in progress"
-        if problem:
-            self._count("busy" if problem.startswith("busy") else "failed")
-            self._emit(None, "failed", reason=problem, **fields)
-            return False
-        hs = Handshake(entry, self.local_packed, now, local_port, *self.timing)
-        t = _Takeover(key, entry, hs, time.monotonic(), fields)
-        with self._lock:
-            self._active[key] = t
-            self._by_match[match] = t
-            self._counters["started"] += 1
-        self._send_due(t, now)
-        self._rearm()
-        return True
-
-    def _send_due(self, t: _Takeover, now: float) -> None:
-        for packet in t.hs.datagrams(now):
-            ok = self.injector.send(packet)
-            self._count("migrate_syns")
-            if t.hs.attempts > 1:
-                self._count("retransmissions")
-            if not ok:
-                self._count("send_errors")
-            self._emit(t, "migrate_syn_sent", attempt=t.hs.attempts, seq=t.hs.seq, reqno=t.hs.reqno,
-                       sent=bool(ok))
-
-    # -- the loop's side ---------------------------------------------------------------------------
-
-    def fileno(self) -> int:
-        """The raw SYN/ACK socket's descriptor (readable when on_readable() has work)."""
-        if self._receiver is None:
-            raise ValueError("this engine has no receiver")
-        return self._receiver.fileno()
-
-    def on_readable(self, now: Optional[float] = None, limit: int = 256) -> int:
-        """Read and handle up to `limit` packets from the raw socket; returns how many."""
-        if self._receiver is None:
-            return 0
-        packets = self._receiver.read(limit)
-        for p in packets:
-            self.feed(p, time.monotonic() if now is None else now)
-        return len(packets)
-
-    def feed(self, packet: bytes, now: Optional[float] = None) -> bool:
-        """Handle one received IP packet (a SYN/ACK or RST); True if it was for a takeover."""
-        now = time.monotonic() if now is None else now
-        self._count("packets")
-        v = fp.parse(packet, fp.LINK_RAW)
-        if not v.is_tcp:
-            self._count("ignored")
-            return False
-        t = self._by_match.get((v.src, v.sport, v.dst, v.dport))
-        if t is None or t.phase != "handshake":
-            self._count("ignored")
-            return False
-        params = t.hs.on_synack(v, now)
-        if t.hs.state == RESET:
-            self._fail(t, t.hs.reason)
-            return True
-        if params is None:
-            self._count("ignored")
-            return False
-        s = t.hs.synack
-        self._count("synacks")
-        self._emit(t, "synack", seq=s.seq, ack=s.ack, window=s.window, tsval=s.tsval, tsecr=s.tsecr,
-                   rtt_ms=round(s.rtt * 1000, 3), attempts=s.attempts)
-        self._takeover(t, params)
-        self._rearm()
-        return True
-
-    def poll(self, now: Optional[float] = None) -> None:
-        """Retransmit due Migrate SYNs and give up on expired handshakes."""
-        now = time.monotonic() if now is None else now
-        for t in list(self._active.values()):
-            if t.phase != "handshake":
-                continue
-            if t.hs.expired(now):
-                self._fail(t, t.hs.reason)
-            else:
-                self._send_due(t, now)
-
-    def next_deadline(self) -> Optional[float]:
-        """The monotonic time poll() next has work, or None."""
-        ds = [d for d in (t.hs.next_deadline() for t in list(self._active.values()) if t.phase == "handshake")
-              if d is not None]
-        return min(ds) if ds else None
-
-    # -- asyncio adapter ----------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------
 
     def attach(self, loop) -> None:
-        """Run on an asyncio loop: a reader on the raw socket and a timer for retransmissions.
-        Call from the loop's thread."""
+        """Run on an asyncio loop (call in its thread): the raw socket's reader and the pool."""
         self._loop = loop
-        self._loop_thread = threading.current_thread()
         if self._receiver is not None:
             loop.add_reader(self._receiver.fileno(), self.on_readable)
-        self._rearm()
+        self._pool = localhttp.ProbePool(loop, self.http_addr, timeout=self.check_timeout)
 
     def detach(self) -> None:
         if self._loop is None:
@@ -1160,255 +298,665 @@ class TakeoverEngine:
                 self._loop.remove_reader(self._receiver.fileno())
             except Exception:  # noqa: BLE001  the loop may be closed already
                 pass
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._loop = None
 
-    def _rearm(self) -> None:
-        loop = self._loop
-        if loop is None:
+    def fileno(self) -> int:
+        """The raw SYN/ACK socket's descriptor."""
+        if self._receiver is None:
+            raise ValueError("this engine has no receiver")
+        return self._receiver.fileno()
+
+    def on_readable(self, limit: int = 256) -> int:
+        """Read and handle up to `limit` packets from the raw socket; returns how many."""
+        if self._receiver is None:
+            return 0
+        packets = self._receiver.read(limit)
+        now = time.monotonic()
+        for p in packets:
+            self.feed(p, now)
+        return len(packets)
+
+    def feed(self, packet: bytes, now: Optional[float] = None) -> bool:
+        """One received IP packet (a SYN/ACK or RST); True if it answered a takeover."""
+        now = time.monotonic() if now is None else now
+        self._count("packets")
+        v = fp.parse(packet, fp.LINK_RAW)
+        match = (v.src, v.sport, v.dst, v.dport) if v.is_tcp else None
+        t = self._by_match.get(match) if match is not None else None
+        if t is None and match is not None and v.flags & (fp.SYN | fp.ACK | fp.RST) == fp.SYN | fp.ACK:
+            self._answer_late(match, v)
+        if t is None or t.phase != "handshake" or t.synack is None or t.synack.done():
+            self._count("ignored")
+            return False
+        params = t.hs.on_synack(v, now)
+        if t.hs.state == RESET:
+            t.synack.set_exception(_Failed(t.hs.reason))
+            return True
+        if params is None:
+            self._count("ignored")
+            return False
+        t.synack.set_result(params)
+        return True
+
+    def _answer_late(self, match: tuple, v) -> None:
+        """A SYN/ACK for a handshake this engine gave up on (its Migrate SYN reached a loaded
+        client appliance after the takeover failed): a Migrate RST without P ends the lock
+        there at once, instead of the client's traffic waiting for the lock timeout."""
+        ended = self._ended.get(match)
+        if ended is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        d = self.next_deadline()
-        if d is not None:
-            self._timer = loop.call_later(max(0.0, d - time.monotonic()), self._on_timer)
+        hs, at = ended
+        if time.monotonic() - at > LATE_ANSWER_FOR:
+            del self._ended[match]
+            return
+        if not self.injector.send(migrate_rst(hs, v.ack, preload=False)):
+            self._count("send_errors")
+        self._count("late_synacks")
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.poll()
-        self._rearm()
+    # -- starting ---------------------------------------------------------------------------------
 
-    _loop_thread = None
+    def start(self, action_or_entry, now: Optional[float] = None, planned: bool = False) -> bool:
+        """Begin taking over a connection (a TakeoverAction, or a sync.Entry). False (with a
+        failed event) when it cannot be migrated here, or it is already being taken over
+        (counted, no event). Call in the loop's thread, after attach()."""
+        if self._loop is None:
+            raise RuntimeError("attach(loop) first")
+        entry = getattr(action_or_entry, "entry", action_or_entry)
+        action = action_or_entry if action_or_entry is not entry else None
+        key = entry.key
+        fields = {"client": _text(entry.client_ip), "client_port": entry.client_port,
+                  "server": _text(entry.server_ip), "server_port": entry.server_port}
+        if self._closed:
+            return False
+        if key in self._active:
+            self._count("duplicates")
+            return False
+        local_port = entry.server_port if entry.server_port in self.service_ports else self.service_ports[0]
+        match = (entry.client_ip, entry.client_port, self.local_packed, local_port)
+        problem = None
+        if not entry.mp:
+            problem = "the client's SYN had no Migrate-Permitted"
+        elif len(entry.client_ip) != len(self.local_packed):
+            problem = "the client's address family differs from this replica's"
+        else:
+            other = self._by_client.get(match)
+            if other is not None:
+                # two entries of one connection (a dead member's stale copy, and the newer one
+                # of the member that took it over and died too): the newer ReqNo is the truth
+                if fp.reqno_newer(entry.reqno, other.entry.reqno) and other.outcome is None and other.relay is None:
+                    self._count("superseded")
+                    self.abort(other.key, "superseded by a newer entry of the same connection")
+                else:
+                    problem = "another takeover of this client address and port is in progress"
+            elif match in self._by_match:
+                problem = "another takeover of this client address and port is in progress"
+        if problem:
+            self._count("failed")
+            self._emit(None, "failed", reason=problem, **fields)
+            return False
+        t = _Takeover(key, entry, action, planned, fields, time.monotonic(), local_port)
+        self._active[key] = t
+        self._by_client[match] = t
+        self._count("started")
+        if action is not None:
+            # at once, not after the check: a lower-ranked candidate must not start on it
+            # while it waits here behind others (a pass withdraws the claim)
+            self._count("claimed")
+            self._call(self.on_claim, action)
+            self._emit(t, "claimed", last=action.last, rank=action.rank)
+        if self._running < self.max_active:
+            self._launch(t)
+        else:
+            self._arrivals += 1
+            heapq.heappush(self._queue, (URGENCY.get(t.entry.state, 2), self._arrivals, t))
+            self._count("queued")
+        return True
 
-    # -- the takeover itself ------------------------------------------------------------------------
+    def _retry(self, t: _Takeover) -> None:
+        """The server was alive after all (a false suspicion): try again later, while the
+        group still holds it dead, so that its real death later is not missed."""
+        if t.action is None or self.retry_alive is None or self._closed:
+            return
+        n = self._retries.get(t.key, 0)
+        delay = min(self.retry_backoff[1], self.retry_backoff[0] * 2 ** n)
+        self._retries[t.key] = n + 1
+        self._count("retries_scheduled")
 
-    def _takeover(self, t: _Takeover, params: RepairParams) -> None:
-        t.phase = "repairing"
-        t.plan = plan = plan_resume(t.entry, params.snd_nxt)
-        t.params = params
-        if self.verify_ack and plan.kind in (RESUME, ADOPT):
+        def again() -> None:
+            if not self._closed and t.key not in self._active and self._call_ok(self.retry_alive, t.action):
+                self._count("retries")
+                self.start(t.action)
+            else:
+                self._retries.pop(t.key, None)
+
+        self._loop.call_later(delay, again)
+
+    @staticmethod
+    def _call_ok(fn, *args) -> bool:
+        try:
+            return bool(fn(*args))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _launch(self, t: _Takeover) -> None:
+        self._running += 1
+        t.slot = True
+        t.task = self._loop.create_task(self._run(t))
+
+    def _release_slot(self, t: _Takeover) -> None:
+        """A takeover past its setup (relaying, or over) no longer counts against max_active."""
+        if not t.slot:
+            return
+        t.slot = False
+        self._running -= 1
+        while self._queue and self._running < self.max_active and not self._closed:
+            nxt = heapq.heappop(self._queue)[2]
+            if nxt.outcome is None:
+                self._launch(nxt)
+
+    async def _run(self, t: _Takeover) -> None:
+        try:
+            await self._takeover(t)
+        except _Failed as exc:
+            self._end(t, FAILED, str(exc))
+            if t.hs is not None and t.hs.server_alive:
+                self._retry(t)
+        except asyncio.CancelledError:
+            self._abort_client(t)
+            self._end(t, FAILED, t.reason or "engine closed")
+        except Exception as exc:  # noqa: BLE001  a bug here must not kill the engine
+            self._abort_client(t)
+            self._end(t, FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._cleanup(t)
+            self._release_slot(t)
+
+    # -- one takeover -----------------------------------------------------------------------------
+
+    async def _takeover(self, t: _Takeover) -> None:
+        e = t.entry
+        t.phase = "checking"
+        why = await self._check(t)
+        reset_reason = None
+        if why is not None:
+            if t.action is not None and not t.action.last:
+                self._count("passed")
+                self._call(self.on_pass, t.action)
+                self._emit(t, "passed", reason=why)
+                self._end(t, PASSED, why)
+                return
+            if t.planned:  # the connection stays where it is: no Migrate SYN at all
+                self._end(t, FAILED, f"cannot serve it here: {why}")
+                return
+            reset_reason = f"no member can serve it: {why}"
+        if e.state == "RESET":
+            reset_reason = f"not resumable: {e.reason or 'unknown'}"
+        params = await self._handshake(t)
+        if reset_reason is not None:
+            self._reset(t, reset_reason)
+            return
+        t.plan = plan = plan_resume(e, params.snd_nxt)
+        if plan.kind in (REFUSE, RESET_ONLY):
+            self._reset(t, plan.reason)
+            return
+        t.phase = "fetching"
+        try:
+            await self._fetch(t)
+        except (Refused, localhttp.LocalError) as exc:
+            self._reset(t, str(exc))
+            return
+        synack = t.hs.synack
+        held = min(synack.held_above, t.plan.bytes_left) if t.plan.kind == RESUME else 0
+        sent = b""
+        if held > 0:
             try:
-                t.watch = _AckWatch(t.entry.client_ip, t.entry.client_port, t.hs.local, t.hs.local_port)
-            except OSError:
-                t.watch = None  # no raw socket: go without the check
+                sent = await localhttp.read_exactly(self._loop, t.local, held, self.fetch_timeout)
+            except localhttp.LocalError as exc:
+                self._reset(t, str(exc))
+                return
+            t.plan = t.plan._replace(offset=t.plan.offset + held, bytes_left=t.plan.bytes_left - held)
+            t.sent_above = held
+            self._count("held_above")
+        t.phase = "repairing"
         r0 = time.monotonic()
         try:
-            t.sock = self.socket_factory(**params.kwargs())
+            # its window probe (TCP_REPAIR off) is B's first frame: it ends the client
+            # appliance's network lock, so the repair never waits
+            t.sock = self.socket_factory(**params.kwargs(), sent=sent, blocking=False)
         except (OSError, ValueError) as exc:
-            self._close_watch(t)
-            self._fail(t, f"repair: {exc}")
+            self._reset(t, f"repair: {exc}")
             return
         r1 = t.repaired_at = time.monotonic()
         self._count("repaired")
         self._emit(t, "repaired", ms=round((r1 - t.started) * 1000, 3), repair_ms=round((r1 - r0) * 1000, 3),
-                   plan=plan.kind)
-        if plan.kind == REFUSE:
-            self._close_watch(t)
-            self._refuse(t, plan.reason)
-            return
-        t.stop = threading.Event()
-        t.phase = "fetching"
-        t.thread = threading.Thread(target=self._serve, args=(t,), name=f"takeover-{t.fields['client_port']}",
-                                    daemon=True)
-        t.thread.start()
-
-    def _serve(self, t: _Takeover) -> None:
-        """One connection's worker: the local response, then the relay."""
-        plan, e = t.plan, t.entry
-        try:
-            try:
-                if plan.kind == RESUME:
-                    t.local, _ = open_range(self.http_addr, e, plan.offset, self.fetch_timeout, self._host())
-                    owned = owned_entry(e, t.hs.local, t.hs.local_port, t.hs.reqno)
-                else:
-                    t.local = connect_local(self.http_addr, self.fetch_timeout)
-                    owned = owned_entry(e, t.hs.local, t.hs.local_port, t.hs.reqno)
-                    if plan.kind == WHOLE:
-                        t.local.sendall(whole_request(e, self._host()))
-                        head = read_head(t.local, time.monotonic() + self.fetch_timeout, consume=False)
-                        owned = owned_entry(e, t.hs.local, t.hs.local_port, t.hs.reqno, head)
+                   plan=t.plan.kind, held_above=held)
+        if self.verify_ack:
+            t.phase = "verifying"
+            if self._verifying is None:
+                self._verifying = asyncio.Semaphore(self.verify_slots)
+            # At most verify_slots watches at once: each is a raw socket that the kernel hands
+            # every TCP segment reaching this host, so a thousand of them would cost a thousand
+            # filter runs per segment. The client is asked by old-byte probes, which it answers
+            # whenever they come (the kernel's window probe above was for the lock).
+            async with self._verifying:
+                try:
+                    t.watch = AckWatch(e.client_ip, e.client_port, t.hs.local, t.hs.local_port)
+                except OSError:
+                    t.watch = None
                 if t.watch is not None:
-                    self._check_ack(t)
-                    plan = t.plan
-            except (Refused, OSError) as exc:
-                self._refuse(t, str(exc) if isinstance(exc, Refused) else f"local server: {exc}")
-                return
-            if t.stop.is_set():
-                self._refuse(t, t.reason or "stopped")
-                return
-            mode = {RESUME: "resume", ADOPT: "adopt", WHOLE: "whole"}[plan.kind]
-            self._count({RESUME: "resumed", ADOPT: "adopted", WHOLE: "whole"}[plan.kind])
-            extra = {"beyond": plan.beyond} if plan.kind == ADOPT else {}
-            self._emit(t, "resumed", mode=mode, offset=plan.offset, bytes_left=plan.bytes_left, **extra)
-            t.phase = "relaying"
-            self._own(t, owned)
-            mark = plan.bytes_left if plan.kind == RESUME else None
+                    try:
+                        await self._verify(t)
+                    except (Refused, localhttp.LocalError) as exc:
+                        self._reset(t, str(exc))
+                        return
+        await self._relay(t)
 
-            def later_request(total: int) -> None:
-                if t.owned is not None:  # the advertised response is no longer the current one
-                    self._release(t)
+    async def _check(self, t: _Takeover) -> Optional[str]:
+        """Why this replica cannot serve the rest of the connection, or None."""
+        e = t.entry
+        if e.state != "ACTIVE" or e.object is None:
+            return None  # IDLE, PENDING: anything this server answers is new to the client; RESET: nothing to check
+        obj = e.object
+        ck = (obj.path, obj.host, obj.etag, obj.last_modified, obj.total_length, obj.digest)
+        now = time.monotonic()
+        hit = self._checks.get(ck)
+        t0 = time.monotonic()
+        if hit is not None and now - hit[0] < CHECK_CACHE_S:
+            self._count("checks_cached")
+            why = hit[1]
+            cached = True
+        else:
+            self._count("checks")
+            cached = False
+            try:
+                head, _ = await self._pool.fetch(probe_request(e, self._host()), max_body=16)
+                local = self._local_digest(obj.path, head) if self.validators == "digest" else None
+                why = check_probe(head, e, self.validators, local)
+            except localhttp.LocalError as exc:
+                why = str(exc)
+            self._checks[ck] = (time.monotonic(), why)
+            if len(self._checks) > 4096:
+                for k in list(self._checks)[:1024]:
+                    del self._checks[k]
+        if why is not None:
+            self._count("checks_failed")
+        self._emit(t, "checked", ok=why is None, reason=why, ms=round((time.monotonic() - t0) * 1000, 3),
+                   cached=cached)
+        return why
 
-            def progress(total: int) -> None:
-                nonlocal mark
-                t.to_client = total
-                if t.first_byte is None:
-                    t.first_byte = time.monotonic()
-                    self._emit(t, "first_byte", ms=round((t.first_byte - t.started) * 1000, 3))
-                if mark is not None and total >= mark:
-                    mark = None
-                    self._emit(t, "body_sent", bytes=total, seconds=round(time.monotonic() - t.first_byte, 6))
+    def _local_digest(self, path: str, head=None) -> Optional[bytes]:
+        d = self.digest_of(path) if self.digest_of is not None else None
+        if d is None and head is not None:
+            from .digests import response_digest
+            d = response_digest(head.headers, head.status)
+        return d
 
-            res = relay(t.sock, t.local, t.stop, self.idle_timeout, self.pipe_size, progress,
-                        on_local_bytes=later_request)
-            self._release(t)
-            t.to_client, t.to_local = res.to_client, res.to_local
-            if res.end == "stopped":  # abort() or close(): the client must not take it for a clean end
-                self._close_sockets(t, reset=True)
-            t.reason = t.reason or res.end
-            self._count("bytes_to_client", res.to_client)
-            self._count("bytes_from_client", res.to_local)
-            self._finish(t, "done")
-            self._count("done")
-            self._emit(t, "done", bytes=res.to_client, bytes_from_client=res.to_local,
-                       seconds=round(time.monotonic() - t.started, 6), end=res.end)
-        except Exception as exc:  # noqa: BLE001  a bug here must not kill the engine
-            self._close_sockets(t, reset=True)
-            self._fail(t, f"internal error: {type(exc).__name__}: {exc}")
+    def _initial_rto(self) -> float:
+        """The configured initial RTO, or twice the recent SYN/ACK time when the client
+        appliance answers more slowly than that (a loaded one: retransmissions would only
+        add to its queue)."""
+        rto = self.timing[0]
+        if self._srtt is not None:
+            rto = min(max(rto, MAX_INITIAL_RTO), max(rto, 2 * self._srtt))
+        return rto
+
+    async def _handshake(self, t: _Takeover) -> RepairParams:
+        t.phase = "handshake"
+        if self._handshaking is None:
+            self._handshaking = asyncio.Semaphore(self.handshake_slots)
+        async with self._handshaking:  # a window of handshakes in flight, the rest wait here
+            now = time.monotonic()
+            t.hs = hs = Handshake(t.entry, self.local_packed, now, t.local_port, self._initial_rto(),
+                                  *self.timing[1:], failover=not t.planned)
+            t.synack = self._loop.create_future()
+            self._by_match[hs.match] = t
+            self._hs_timer(t)
+            try:
+                params = await t.synack
+            finally:
+                if t.timer is not None:
+                    t.timer.cancel()
+                    t.timer = None
+        t.params = params
+        s = hs.synack
+        if s.attempts == 1:
+            self._srtt = s.rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * s.rtt
+        self._count("synacks")
+        self._emit(t, "synack", seq=s.seq, ack=s.ack, window=s.window, tsval=s.tsval, tsecr=s.tsecr,
+                   rtt_ms=round(s.rtt * 1000, 3), attempts=s.attempts, held_above=s.held_above)
+        return params
+
+    def _hs_timer(self, t: _Takeover) -> None:
+        """Send what is due, give up when it is time, and sleep until the next deadline."""
+        t.timer = None
+        if t.synack is None or t.synack.done():
+            return
+        now = time.monotonic()
+        hs = t.hs
+        if hs.expired(now):
+            t.synack.set_exception(_Failed(hs.reason))
+            return
+        for packet in hs.datagrams(now):
+            ok = self.injector.send(packet)
+            self._count("migrate_syns")
+            if hs.attempts > 1:
+                self._count("retransmissions")
+            if not ok:
+                self._count("send_errors")
+            self._emit(t, "migrate_syn_sent", attempt=hs.attempts, seq=hs.seq, reqno=hs.reqno, sent=bool(ok))
+        d = hs.next_deadline()
+        if d is not None:
+            t.timer = self._loop.call_later(max(0.0, d - time.monotonic()), self._hs_timer, t)
+
+    async def _fetch(self, t: _Takeover) -> None:
+        plan, e = t.plan, t.entry
+        loop = self._loop
+        t.local = await localhttp.connect(loop, self.http_addr, self.fetch_timeout)
+        if plan.kind == RESUME:
+            await localhttp.send_all(loop, t.local, range_request(e, plan.offset, self._host()), self.fetch_timeout)
+            head = await localhttp.read_head(loop, t.local, self.fetch_timeout)
+            local = self._local_digest(e.object.path, head) if self.validators == "digest" else None
+            why = check_range_head(head, e, plan.offset, self.validators, local)
+            if why:
+                raise Refused(why)
+        elif plan.kind == WHOLE:
+            await localhttp.send_all(loop, t.local, whole_request(e, self._host()), self.fetch_timeout)
+
+    async def _verify(self, t: _Takeover) -> None:
+        """The client's answer to the old-byte probe: the position the SYN/ACK gave, or fixed;
+        and B's TSval clock moved up to the client's ts_recent if it was behind."""
+        s = t.hs.synack
+        lo, hi = self.probe_wait
+        wait = min(hi, max(lo, 4 * s.rtt))
+        pseq = probe_seq(t.params)
+        # With SACK the answer names itself (a D-SACK of the probe's byte); without, the
+        # highest ack seen while waiting is taken, so a stale ACK seen first cannot win.
+        dsack = bool(t.params.sack)
+        seen: list = []
+        ans = None
+        for attempt in range(1 + self.reprobes):
+            if attempt:
+                self._count("reprobes")
+                self._emit(t, "reprobe", attempt=attempt)
+            # not a kernel window probe: the client answers those at most once per 500 ms
+            if not self.injector.send(old_byte_probe(t.params, s.tsval or 0, time.monotonic() - t.repaired_at)):
+                self._count("send_errors")
+            sure = await self._await_answer(t.watch, wait, seen, pseq if dsack else None)
+            ans = best_answer(seen, t.params.snd_nxt)
+            if sure or (ans is not None and (not dsack or attempt == self.reprobes)):
+                if not sure and dsack:
+                    self._count("answers_unmarked")  # the client sends no D-SACKs: the best seen
+                break
+            wait = min(hi, wait * 2)
+        self._close_watch(t)
+        if ans is None:
+            raise Refused(f"the client's position is unknown: no answer to {1 + self.reprobes} window probes")
+        self._check_timestamp(t, ans)
+        una = t.params.snd_nxt  # B's snd_una: the client's rcv_nxt per the SYN/ACK
+        nxt = fp.seq_add(una, t.sent_above)
+        behind = fp.seq_diff(una, ans.ack)
+        if behind > 0:
+            raise Refused(f"the client is {behind} bytes behind its SYN/ACK: resuming would leave a hole")
+        top = max([ans.ack] + [r for _, r in ans.sack if fp.seq_gt(r, ans.ack)], key=lambda x: fp.seq_diff(x, nxt))
+        gap = fp.seq_diff(top, nxt)
+        if gap <= 0:
+            return
+        plan = t.plan
+        if gap > self.max_resync:
+            raise Refused(f"the client is {gap} bytes past its SYN/ACK (more than {self.max_resync})")
+        if plan.kind != RESUME or gap > plan.bytes_left:
+            # bytes of a response this replica knows nothing of: nothing it sends could be right
+            raise Refused(f"the client is {gap} bytes past its SYN/ACK, beyond the advertised response")
+        data = await localhttp.read_exactly(self._loop, t.local, gap, self.fetch_timeout)
+        t.plan = plan._replace(offset=plan.offset + gap, bytes_left=plan.bytes_left - gap)
+        repair.mark_sent(t.sock, data)
+        t.sent_above += gap
+        self._count("resynced")
+        self._emit(t, "resynced", stale_ack=una, ack=ans.ack, gap=gap)
+
+    async def _await_answer(self, watch: AckWatch, timeout: float, seen: list, pseq: Optional[int]) -> bool:
+        """Collect the client's ACKs into `seen` for up to `timeout`; True as soon as one answers
+        the probe at `pseq` (its D-SACK). With pseq None, False after the whole timeout: without
+        a D-SACK nothing tells the answer from a stale ACK, so all that came are kept."""
+        fut = self._loop.create_future()
+
+        def readable() -> None:
+            got = watch.read_all()
+            seen.extend(got)
+            if pseq is not None and any(answers_probe(a, pseq) for a in got) and not fut.done():
+                fut.set_result(True)
+
+        self._loop.add_reader(watch.fileno(), readable)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return False
         finally:
-            self._close_watch(t)
-            self._release(t)
-            self._close_sockets(t, reset=False)
+            self._loop.remove_reader(watch.fileno())
+
+    def _check_timestamp(self, t: _Takeover, ans) -> None:
+        """A client whose ts_recent (its answer's TSecr) is ahead of B's TSval clock would drop
+        every segment of B as old (PAWS) until the clock caught up: move the clock."""
+        p = t.params
+        if not p.timestamps or ans.tsecr is None:
+            return
+        now_ts = ((p.ts_val or 0) + int((time.monotonic() - t.repaired_at) * 1000)) & fp.MASK32
+        if not fp.seq_gt(ans.tsecr, now_ts):
+            return
+        try:
+            ts = repair.set_timestamp(t.sock, (ans.tsecr + 1) & fp.MASK32)
+        except OSError as err:
+            raise Refused(f"B's TSval clock is behind the client's and cannot be moved: {err}") from err
+        self._count("ts_advanced")
+        self._emit(t, "ts_advanced", tsval=now_ts, ts_recent=ans.tsecr, to=ts)
+        t.params = p._replace(ts_val=ts)
+        t.repaired_at = time.monotonic()
+
+    async def _relay(self, t: _Takeover) -> None:
+        plan = t.plan
+        mode = {RESUME: "resume", ADOPT: "adopt", WHOLE: "whole"}[plan.kind]
+        self._count({RESUME: "resumed", ADOPT: "adopted", WHOLE: "whole"}[plan.kind])
+        self._emit(t, "resumed", mode=mode, offset=plan.offset, bytes_left=plan.bytes_left)
+        t.outcome = RESUMED
+        self._count("outcome_resumed")
+        self._emit(t, "outcome", outcome=RESUMED, reason=mode)
+        t.phase = "relaying"
+        t.owned = owned_entry(t.entry, t.hs.local, t.hs.local_port, t.hs.reqno, plan)
+        self._call(self.on_owned, t.owned, t.params.rcv_nxt, t.params.snd_nxt)
+        mark = plan.bytes_left if plan.kind == RESUME else None
+
+        def progress(total: int) -> None:
+            nonlocal mark
+            t.to_client = total
+            if t.first_byte is None:
+                t.first_byte = time.monotonic()
+                self._emit(t, "first_byte", ms=round((t.first_byte - t.started) * 1000, 3))
+            if mark is not None and total >= mark:
+                mark = None
+                self._emit(t, "body_sent", bytes=total, seconds=round(time.monotonic() - t.first_byte, 6))
+
+        def upstream(total: int) -> None:
+            t.to_local = total
+
+        t.relay = relay = Relay(self._loop, t.sock, t.local, idle_timeout=self.idle_timeout, pipe_size=self.pipe_size,
+                                on_client_bytes=progress, on_local_bytes=upstream)
+        relay.start()
+        self._release_slot(t)
+        res = await relay.done
+        t.to_client, t.to_local = res.to_client, res.to_local
+        if res.end.startswith("stopped") or res.end == "engine closed":
+            self._abort_client(t)  # the client must not take it for a clean end
+        self._count("bytes_to_client", res.to_client)
+        self._count("bytes_from_client", res.to_local)
+        self._count("done")
+        t.reason = t.reason or res.end
+        self._emit(t, "done", bytes=res.to_client, bytes_from_client=res.to_local,
+                   seconds=round(time.monotonic() - t.started, 6), end=res.end)
+        self._finish(t, "done")
+
+    # -- ending -------------------------------------------------------------------------------------
+
+    def _reset(self, t: _Takeover, reason: str) -> None:
+        """Nobody can continue it (or, planned, this replica cannot): a Migrate RST at the
+        client's rcv_nxt, P set to reset the client, clear to give the connection back."""
+        if t.sock is not None:
+            try:
+                repair.silent_close(t.sock)
+            except OSError:
+                t.sock.close()
+            t.sock = None
+        seq = t.params.snd_nxt if t.params is not None else t.entry.body_start
+        packet = migrate_rst(t.hs, seq, preload=not t.planned)
+        for _ in range(2):  # a lost one would leave the client waiting for the lock timeout
+            if not self.injector.send(packet):
+                self._count("send_errors")
+        self._count("resets_sent")
+        self._count("refused")
+        self._emit(t, "refused", reason=reason, planned=t.planned)
+        self._end(t, RESET_OUTCOME if not t.planned else FAILED, reason, phase="refused")
+
+    def _abort_client(self, t: _Takeover) -> None:
+        """The relay was stopped under the client: reset it (Migrate RST at B's snd_nxt)."""
+        if t.sock is None or t.hs is None or t.hs.synack is None:
+            return
+        try:
+            seq = repair.read_state(t.sock).snd_nxt
+            t.sock.close()
+        except OSError:
+            seq = t.params.snd_nxt
+        t.sock = None
+        self.injector.send(migrate_rst(t.hs, seq, preload=True))
+
+    def _end(self, t: _Takeover, outcome: str, reason: str, phase: Optional[str] = None) -> None:
+        """The takeover is over: its outcome (the first one given sticks) and the reason."""
+        if t.outcome is None:
+            t.outcome = outcome
+            self._count(f"outcome_{outcome}")
+            self._emit(t, "outcome", outcome=outcome, reason=reason)
+        t.reason = t.reason or reason
+        if outcome == FAILED and phase is None:
+            self._count("failed")
+            self._emit(t, "failed", reason=reason)
+        self._finish(t, phase or outcome)
+
+    def _finish(self, t: _Takeover, phase: str) -> None:
+        t.phase = phase
+        t.ended = time.monotonic()
+        if t.outcome in (FAILED, PASSED) and t.hs is not None and t.hs.attempts and t.hs.synack is None:
+            self._ended[t.hs.match] = (t.hs, t.ended)  # a SYN/ACK may still come: _answer_late
+            self._ended.move_to_end(t.hs.match)
+            while len(self._ended) > LATE_ANSWER_MAX:
+                self._ended.popitem(last=False)
+        if self._active.get(t.key) is t:
+            del self._active[t.key]
+            self._finished.append(t)
+        if t.hs is not None and self._by_match.get(t.hs.match) is t:
+            del self._by_match[t.hs.match]
+        match = (t.entry.client_ip, t.entry.client_port, self.local_packed, t.local_port)
+        if self._by_client.get(match) is t:
+            del self._by_client[match]
 
     def _close_watch(self, t: _Takeover) -> None:
         w, t.watch = t.watch, None
         if w is not None:
             w.close()
 
-    def _check_ack(self, t: _Takeover) -> None:
-        """The client's answer to the window probe against the SYN/ACK: fix a stale ack."""
-        rtt = t.hs.synack.rtt if t.hs.synack is not None else 0.0
-        wait = min(1.0, max(0.05, 4 * rtt))
-        try:
-            reply = t.watch.first_ack(max(t.repaired_at + wait, time.monotonic() + 0.001))
-        finally:
-            self._close_watch(t)
-        if reply is None:
-            self._emit(t, "ack_unverified", waited_ms=round(wait * 1000, 3))
-            return
-        gap = fp.seq_diff(reply.ack, t.params.snd_nxt)
-        if gap <= 0:  # as the SYN/ACK said (behind it: an older segment; nothing to fix)
-            return
-        plan = t.plan
-        if gap > self.max_resync:
-            raise Refused(f"the client is {gap} bytes past its SYN/ACK (more than {self.max_resync})")
-        if plan.kind == RESUME and gap <= plan.bytes_left:
-            data = _recv_exactly(t.local, gap, time.monotonic() + self.fetch_timeout)
-            t.plan = plan._replace(offset=plan.offset + gap, bytes_left=plan.bytes_left - gap)
-        elif plan.kind == ADOPT:
-            data = bytes(gap)  # bytes the client has and will never ask for again
-            t.plan = plan._replace(beyond=plan.beyond + gap)
-        else:
-            raise Refused(f"the client is {gap} bytes past its SYN/ACK, beyond the advertised response")
-        repair.mark_sent(t.sock, data)
-        self._emit(t, "resynced", stale_ack=t.params.snd_nxt, ack=reply.ack, gap=gap)
-
-    def _host(self) -> str:
-        return self.http_addr[0] if ":" not in self.http_addr[0] else f"[{self.http_addr[0]}]"
-
-    def _close_sockets(self, t: _Takeover, reset: bool) -> None:
+    def _cleanup(self, t: _Takeover) -> None:
+        if t.timer is not None:
+            t.timer.cancel()
+            t.timer = None
+        self._close_watch(t)
+        if t.relay is not None and t.relay.result is None:
+            t.relay.stop("engine closed")
+        if t.owned is not None:
+            owned, t.owned = t.owned, None
+            self._call(self.on_released, owned)
         for name in ("sock", "local"):
             s = getattr(t, name)
             if s is not None:
                 setattr(t, name, None)
-                if reset and name == "sock":
-                    _linger_reset(s)
-                else:
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
-
-    def _refuse(self, t: _Takeover, reason: str) -> None:
-        """Reset the client connection on purpose (SO_LINGER 0 on the repaired socket)."""
-        self._close_sockets(t, reset=True)
-        t.reason = reason
-        self._finish(t, "refused")
-        self._count("refused")
-        self._emit(t, "refused", reason=reason)
-
-    def _fail(self, t: _Takeover, reason: str) -> None:
-        t.reason = reason
-        self._finish(t, "failed")
-        self._count("failed")
-        self._emit(t, "failed", reason=reason)
-
-    def _finish(self, t: _Takeover, phase: str) -> None:
-        t.phase = phase
-        t.ended = time.monotonic()
-        with self._lock:
-            if self._active.get(t.key) is t:
-                del self._active[t.key]
-                self._by_match.pop(t.hs.match, None)
-                self._finished.append(t)
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        if self._active.get(t.key) is t:
+            self._finish(t, t.phase if t.outcome else "failed")
 
     def abort(self, key, reason: str = "aborted") -> bool:
         """Stop a takeover: a handshake is abandoned; a relay is stopped and the client reset."""
         t = self._active.get(key)
         if t is None:
             return False
-        if t.phase in ("handshake", "repairing"):
-            self._close_sockets(t, reset=True)
-            self._fail(t, reason)
-        elif t.stop is not None:
-            t.reason = reason
-            t.stop.set()
+        t.reason = reason
+        if t.relay is not None and t.relay.result is None:
+            t.relay.stop("stopped")
+        elif t.task is not None:
+            t.task.cancel()
+        else:  # still queued: skipped when its turn comes
+            self._queue = [q for q in self._queue if q[2] is not t]
+            heapq.heapify(self._queue)
+            self._end(t, FAILED, reason)
         return True
+
+    def _host(self) -> str:
+        return self.http_addr[0] if ":" not in self.http_addr[0] else f"[{self.http_addr[0]}]"
 
     # -- status -------------------------------------------------------------------------------------
 
+    def active_phase(self, key) -> Optional[str]:
+        """The phase of a takeover in progress (queued, checking, handshake, ...), or None."""
+        t = self._active.get(key)
+        return t.phase if t is not None else None
+
     def active(self) -> List[tuple]:
-        """Keys (client_ip, client_port, server_ip, server_port) of takeovers in progress."""
-        with self._lock:
-            return list(self._active)
+        """Keys (client_ip, client_port, server_ip, server_port) of takeovers in progress or queued."""
+        return list(self._active)
+
+    def owned_entries(self) -> list:
+        """The entries of connections this replica now serves through a relay."""
+        return [t.owned for t in self._active.values() if t.owned is not None]
 
     def counters(self) -> dict:
-        with self._lock:
-            c = dict(self._counters)
-            c["active"] = len(self._active)
+        c = dict(self._counters)
+        c["active"] = len(self._active)
+        c["running"] = self._running
+        c["relaying"] = sum(1 for t in self._active.values() if t.relay is not None)
+        c["waiting"] = len(self._queue)
         return c
 
     def snapshot(self) -> dict:
         """For the status file: counters, takeovers in progress and the latest finished ones."""
         now = time.monotonic()
-        with self._lock:
-            active = list(self._active.values())
-            finished = list(self._finished)
         return {"counters": self.counters(), "local_ip": self.local_ip, "service_ports": self.service_ports,
-                "http": f"{self.http_addr[0]}:{self.http_addr[1]}",
-                "active": [t.row(now) for t in active], "finished": [t.row(now) for t in finished]}
+                "http": f"{self.http_addr[0]}:{self.http_addr[1]}", "validators": self.validators,
+                "pool": self._pool.counters() if self._pool is not None else None,
+                "active": [t.row(now) for t in list(self._active.values())],
+                "finished": [t.row(now) for t in list(self._finished)]}
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop everything: pending handshakes are abandoned, relays stopped (their
-        connections closed), the raw sockets closed."""
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Stop everything: pending takeovers abandoned, relays stopped (their clients reset)."""
+        self._closed = True
+        tasks = []
+        for t in list(self._active.values()):
+            if t.task is not None and not t.task.done():
+                t.reason = t.reason or "engine closed"
+                if t.relay is not None and t.relay.result is None:
+                    t.relay.stop("engine closed")
+                else:
+                    t.task.cancel()
+                tasks.append(t.task)
+            elif t.task is None:
+                self._end(t, FAILED, "engine closed")
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        self.close()
+
+    def close(self) -> None:
+        """Release the raw sockets and the pool (after aclose(), or when the loop is gone)."""
         self._closed = True
         self.detach()
-        with self._lock:
-            active = list(self._active.values())
-        threads = []
-        for t in active:
-            if t.phase == "handshake":
-                self._fail(t, "engine closed")
-            elif t.stop is not None:
-                t.reason = t.reason or "engine closed"
-                t.stop.set()
-                if t.thread is not None:
-                    threads.append(t.thread)
-        deadline = time.monotonic() + timeout
-        for th in threads:
-            th.join(max(0.0, deadline - time.monotonic()))
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None

@@ -323,6 +323,12 @@ class NfQueueShim:
             if not self.migrated:
                 self.counts["dropped"] += 1
                 return NF_DROP, None
+            if flags & fp.RST and v.opts & fp.HAS_MIGRATE and v.migrate_reqno == self.reqno \
+                    and v.migrate_request == fp.migrate_request(st["ni"], st["na"], b"", v.seq, v.migrate_reqno):
+                # a Migrate RST: B resets the client on purpose, at the client's rcv_nxt
+                self.counts["migrate_rsts"] = self.counts.get("migrate_rsts", 0) + 1
+                fp.rewrite_addresses(pkt, src=A_IP, link=fp.LINK_RAW)
+                return NF_ACCEPT, bytes(pkt)
             if flags & fp.RST and not self.b_acked:
                 self.counts["rsts_dropped"] += 1
                 return NF_DROP, None
@@ -580,6 +586,11 @@ def _tuple_and_timestamp_checks() -> dict:
     time.sleep(0.03)
     later = struct.unpack("I", s.getsockopt(socket.IPPROTO_TCP, repair.TCP_TIMESTAMP, 4))[0]
     assert 20 <= later - got < 500  # milliseconds, not microseconds
+    # set_timestamp: a live socket's clock moved forward (a client's ts_recent was ahead of it)
+    moved = repair.set_timestamp(s, later + 100_001)
+    now = struct.unpack("I", s.getsockopt(socket.IPPROTO_TCP, repair.TCP_TIMESTAMP, 4))[0]
+    assert moved == later + 100_002 and 0 <= now - moved < 50, (moved, now)
+    assert s.getsockopt(socket.IPPROTO_TCP, repair.TCP_REPAIR) == 0  # out of repair mode again
     s.close()
     # the hazard itself: an odd value set by hand selects usec timestamps (the getter's low bit)
     raw = socket.socket()
