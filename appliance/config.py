@@ -60,6 +60,15 @@ class HealthConfig:
 class ServiceConfig:
     ports: tuple = (80,)
     iface: Optional[str] = None
+    docroot: Optional[str] = None  # the HTTP server's document root (digests of what it serves)
+
+
+VALIDATORS = ("strict", "last-modified", "digest")
+
+
+@dataclass(frozen=True)
+class TakeoverConfig:
+    validators: str = "strict"  # what must match before a replica splices its copy into a stream
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    takeover: TakeoverConfig = field(default_factory=TakeoverConfig)
     source: str = "<config>"
 
 
@@ -88,7 +98,7 @@ def load(path) -> Config:
 def parse(data: dict, source: str = "<config>", base: Optional[Path] = None) -> Config:
     """Check a parsed TOML document and build the Config."""
     r = _Reader(data, source)
-    r.sections({"node", "sync", "health", "service"})
+    r.sections({"node", "sync", "health", "service", "takeover"})
     n = r.section("node", {"id", "group", "key", "key_file", "insecure_sync", "capacity", "prefixes"})
     node_id = n.string("id", required=True)
     if not NODE_ID.match(node_id):
@@ -147,13 +157,27 @@ def parse(data: dict, source: str = "<config>", base: Optional[Path] = None) -> 
     stagger = h.number("stagger_ms", 20, 0, 10_000) / 1000
     health = HealthConfig(detector, dead_after, stagger)
 
-    v = r.section("service", {"ports", "iface"})
+    v = r.section("service", {"ports", "iface", "docroot"})
     ports = tuple(v.int_list("ports", [80], 1, 65535))
     if not ports:
         v.fail("ports", "needs at least one port")
     iface = v.string("iface", None)
-    service = ServiceConfig(ports, iface)
-    return Config(node, sync, health, service, source)
+    docroot = v.string("docroot", None)
+    if docroot is not None:
+        d = Path(docroot)
+        if base is not None and not d.is_absolute():
+            d = base / d
+        if not d.is_dir():
+            v.fail("docroot", f"not a directory: {docroot}")
+        docroot = str(d)
+    service = ServiceConfig(ports, iface, docroot)
+
+    t = r.section("takeover", {"validators"})
+    validators = t.string("validators", "strict")
+    if validators not in VALIDATORS:
+        t.fail("validators", f"must be one of {', '.join(VALIDATORS)}, not {validators!r}")
+    takeover = TakeoverConfig(validators)
+    return Config(node, sync, health, service, takeover, source)
 
 
 class _Reader:

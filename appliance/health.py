@@ -37,6 +37,27 @@ Kinds:
 
 Hysteresis: SUSPECT -> ALIVE needs two consecutive signs of life with no new crossing of the
 suspect threshold between them; a crossing in between starts the count again.
+
+Local health (Lifeguard). The detector measures silence on the local clock: when the local
+process itself runs late (CPU starvation, a long takeover burst), heartbeats wait unread
+in the socket and the silence it sees is the peer's plus its own lag. Three knobs let the
+owner of the detectors (appliance.group.GroupNode) correct for that:
+
+* ``set_multiplier(m)`` (m >= 1): both silence thresholds, and the cap, are multiplied by
+  m (the "local health multiplier", raised while the local process lags and decayed back
+  as it runs on time). With m = 1 (the default) nothing changes.
+* ``heartbeat(now, epoch, sample=False)``: a HEARTBEAT that waited in the socket while the
+  process lagged is a sign of life, but its arrival time says nothing about the peer's
+  rhythm: it is not an inter-arrival sample, and neither is the gap to the next heartbeat.
+* ``rebase()``: forget the last heartbeat's time, so that the gap across a local stall does
+  not enter the history.
+
+Bursts. Without that help a backlog read at once after a stall looks like one huge gap
+followed by many near-zero ones, which inflates the std (slower detection for a whole
+window) and drags the mean down. So a heartbeat arriving less than 0.2 x interval after
+the previous one is not a sample (counted in ``bursts``), and when it follows a gap longer
+than 2 x interval, that gap is taken out of the history too (the silence before a burst is
+the stall's, not the peer's).
 """
 
 from __future__ import annotations
@@ -47,7 +68,7 @@ from collections import deque
 __all__ = [
     "UNKNOWN", "ALIVE", "SUSPECT", "DEAD", "STATES",
     "EV_ALIVE", "EV_SUSPECT", "EV_DEAD", "EV_FALSE_SUSPICION", "EV_RESTARTED",
-    "FailureDetector", "phi_of_z", "z_of_phi",
+    "FailureDetector", "phi_of_z", "z_of_phi", "MAX_MULTIPLIER",
 ]
 
 UNKNOWN = "unknown"
@@ -70,6 +91,13 @@ _DEAD_AT = 0.9
 _SUSPECT_AT = 0.6
 # Heartbeats needed to leave SUSPECT.
 _RECOVER_BEATS = 2
+# A heartbeat closer than this fraction of the interval to the previous one is part of a burst
+# (a backlog read at once): not an inter-arrival sample.
+_BURST_FRACTION = 0.2
+# A gap longer than this many intervals right before a burst is the stall's: taken out.
+_BURST_GAP = 2.0
+# The largest local health multiplier accepted.
+MAX_MULTIPLIER = 16.0
 
 _LN10 = math.log(10.0)
 _HALF_LN_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -161,6 +189,10 @@ class FailureDetector:
         self._fresh = 0                        # consecutive signs of life while SUSPECT
         self._suspect_after = math.inf         # silence thresholds for the current history
         self._dead_after = math.inf
+        self._base_suspect = math.inf          # ... before the local health multiplier
+        self._base_dead = math.inf
+        self._mult = 1.0                       # local health multiplier (set_multiplier)
+        self._last_sample = None               # the sample the last heartbeat appended
         self._recompute()
 
         self.suspicions = 0
@@ -170,12 +202,14 @@ class FailureDetector:
         self.restarts = 0
         self.stale = 0
         self.heartbeats = 0
+        self.bursts = 0
 
     # -- statistics ---------------------------------------------------------------------
 
     def _reset_history(self) -> None:
         self._samples.clear()
         self._last_beat = None
+        self._last_sample = None
         self._recompute()
 
     def _recompute(self) -> None:
@@ -188,11 +222,44 @@ class FailureDetector:
             std = max(math.sqrt(var), self.min_std)
         self._mean, self._std = mean, std
         if self.kind == "phi":
-            self._suspect_after = min(mean + self._z_suspect * std, self.dead_after)
-            self._dead_after = min(mean + self._z_dead * std, self.dead_after)
+            self._base_suspect = min(mean + self._z_suspect * std, self.dead_after)
+            self._base_dead = min(mean + self._z_dead * std, self.dead_after)
         else:
-            self._suspect_after = min(self._missed_suspect, self._missed_dead)
-            self._dead_after = self._missed_dead
+            self._base_suspect = min(self._missed_suspect, self._missed_dead)
+            self._base_dead = self._missed_dead
+        self._apply_multiplier()
+
+    def _apply_multiplier(self) -> None:
+        m = self._mult
+        self._suspect_after = self._base_suspect * m
+        self._dead_after = self._base_dead * m
+
+    # -- local health ---------------------------------------------------------------------
+
+    @property
+    def multiplier(self) -> float:
+        """The local health multiplier in force (1: none)."""
+        return self._mult
+
+    def set_multiplier(self, m: float) -> None:
+        """Scale both silence thresholds (and the dead_after cap) by m, 1 <= m <= 16: the
+        local process lags, so the silence it measures is longer than the peer's."""
+        try:
+            m = float(m)
+        except (TypeError, ValueError):
+            raise ValueError(f"multiplier must be a number, not {m!r}") from None
+        if not (m >= 1.0 and math.isfinite(m)):
+            raise ValueError(f"multiplier must be >= 1, not {m!r}")
+        m = min(m, MAX_MULTIPLIER)
+        if m != self._mult:
+            self._mult = m
+            self._apply_multiplier()
+
+    def rebase(self) -> None:
+        """Forget when the last heartbeat came: the next one starts the inter-arrival count
+        afresh (the gap across a local stall is not the peer's rhythm)."""
+        self._last_beat = None
+        self._last_sample = None
 
     @property
     def mean(self) -> float:
@@ -238,21 +305,25 @@ class FailureDetector:
 
     # -- input --------------------------------------------------------------------------
 
-    def heartbeat(self, now: float, epoch: int) -> list:
-        """A HEARTBEAT from the peer arrived at `now`: a sign of life and an inter-arrival sample."""
-        return self._arrival(now, epoch, sample=True)
+    def heartbeat(self, now: float, epoch: int, sample: bool = True) -> list:
+        """A HEARTBEAT from the peer arrived at `now`: a sign of life and an inter-arrival
+        sample (sample=False: it waited in the socket while the local process lagged, so its
+        arrival time is not a sample; still a sign of life)."""
+        return self._arrival(now, epoch, sample=sample, beat=True)
 
     def heard(self, now: float, epoch: int) -> list:
         """Any other valid datagram from the peer: a sign of life, not an inter-arrival sample."""
         return self._arrival(now, epoch, sample=False)
 
-    def _arrival(self, now: float, epoch: int, sample: bool) -> list:
+    def _arrival(self, now: float, epoch: int, sample: bool, beat: bool = False) -> list:
         events: list = []
         if self.epoch is not None and epoch < self.epoch:
             self.stale += 1
             return events
-        if sample:
+        if sample or beat:
             self.heartbeats += 1
+        if beat and not sample:
+            self.rebase()  # its time is meaningless: so is the gap to the next one
         if self.epoch is None:
             self.epoch = epoch
         elif epoch > self.epoch:
@@ -290,10 +361,24 @@ class FailureDetector:
         if self.last_heard is None or now > self.last_heard:
             self.last_heard = now
         if sample:
-            if self._last_beat is not None and now > self._last_beat:
-                self._samples.append(now - self._last_beat)
-                self._recompute()
-            if self._last_beat is None or now > self._last_beat:
+            last = self._last_beat
+            if last is not None and now > last:
+                gap = now - last
+                if gap < _BURST_FRACTION * self.interval:
+                    # a burst: a backlog read at once (here, or on the way). Not a sample, and
+                    # the long gap just before it was the stall's, not the peer's rhythm.
+                    self.bursts += 1
+                    prev = self._last_sample
+                    if (prev is not None and prev > _BURST_GAP * self.interval and self._samples
+                            and self._samples[-1] == prev):
+                        self._samples.pop()
+                        self._recompute()
+                    self._last_sample = None
+                else:
+                    self._samples.append(gap)
+                    self._last_sample = gap
+                    self._recompute()
+            if last is None or now > last:
                 self._last_beat = now
 
     def check(self, now: float) -> list:
@@ -322,6 +407,7 @@ class FailureDetector:
             "suspicions": self.suspicions, "deaths": self.deaths,
             "false_suspicions": self.false_suspicions, "recoveries": self.recoveries,
             "restarts": self.restarts, "stale": self.stale, "heartbeats": self.heartbeats,
+            "bursts": self.bursts,
         }
 
     def snapshot(self, now: float) -> dict:
@@ -331,7 +417,7 @@ class FailureDetector:
             "silence": round(self.silence(now), 6), "phi": round(self.phi(now), 3),
             "mean": round(self._mean, 6), "std": round(self._std, 6),
             "suspect_silence": round(self._suspect_after, 6),
-            "dead_silence": round(self._dead_after, 6),
+            "dead_silence": round(self._dead_after, 6), "multiplier": round(self._mult, 3),
             **self.counters(),
         }
 

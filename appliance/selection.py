@@ -5,7 +5,15 @@ candidate node, u = (first 8 bytes of SHA-256(key, node) as an integer + 0.5) / 
 (0, 1), and score = -w / ln(u), w being the node's spare capacity quantized to 10 steps.
 A node wins a key with probability w / sum(w) and a node's removal moves only its own keys.
 Every node of the group computes the same ranking from the same heartbeats, so no round of
-talk is needed: the rank-k candidate acts after k x stagger unless it has heard a CLAIM.
+talk is needed: the rank-0 candidate acts at once and CLAIMs at once (before it has checked
+that it can serve, so the claims of a long queue go out together); when it cannot serve, it
+PASSes, and the claim is withdrawn. The rank-k candidate is due after k x stagger, and then
+acts only when every candidate ranked above it is *clear*: it passed the connection, it is
+dead, or it has been heard acting on this death at least `stagger` ago and still has not
+claimed this connection (it ranks differently, or its claim was lost). A higher candidate
+that has said nothing yet (it has not detected the death, or its loop is stalled) is waited
+for, at most `max_defer` from the due time: detection times differ by tens of
+milliseconds between nodes, and a stagger alone would turn that skew into races.
 
 Canonical encoding hashed (version 1), for a key (client_ip, client_port, server_ip,
 server_port) and a node id:
@@ -27,7 +35,7 @@ import math
 from collections.abc import Mapping
 from functools import lru_cache
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 __all__ = [
     "MemberInfo", "TakeoverAction", "Race", "TakeoverPlanner", "LoadAdvertiser",
@@ -251,13 +259,19 @@ def entry_path(entry: Any) -> str | None:
 
 @dataclass(frozen=True)
 class TakeoverAction:
-    """This node must take over `key` of `dead_node` now (it was rank `rank`, due at `at`)."""
+    """This node must take over `key` of `dead_node` now (it was rank `rank`, due at `at`).
+
+    It first checks that it can serve the rest; then it claims (GroupNode.claim_action), or it
+    passes the connection on to the next candidate (GroupNode.pass_action) unless it is the
+    `last` candidate, which resets the client instead."""
     key: tuple
     entry: Any = field(compare=False)
     dead_node: str
     dead_epoch: int
     rank: int
     at: float
+    last: bool = True
+    candidates: tuple = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -280,7 +294,11 @@ class _Pending:
     dead_node: str
     dead_epoch: int
     rank: int
-    at: float
+    at: float          # when it is due
+    order: tuple = ()
+    first: float = 0.0  # when it was first due (reported as TakeoverAction.at)
+    claimer: str = ""   # handed back by this claimer, declared dead (restored if it lives)
+    claimed_at: float = 0.0
 
 
 def _as_key(k: Any) -> tuple:
@@ -290,24 +308,39 @@ def _as_key(k: Any) -> tuple:
 class TakeoverPlanner:
     """Takeover timing for one node (`self_node`); see the module docstring.
 
-    stagger:   delay between consecutive ranks (default 20 ms).
+    stagger:   delay between consecutive ranks, and the grace after a higher candidate is
+               first heard acting on a death (default 20 ms).
+    max_defer: how long past its due time a lower rank waits for a higher candidate that
+               has said nothing about the death (default 1 s).
+    reclaim_after: how long after a claimer is declared dead its unfinished claims are due
+               here (default 2 s): a member that is only stalled (a loaded host) is heard
+               again first, and its takeovers are not raced.
     claim_ttl: how long heard claims and own actions are remembered (for claims that arrive
                before this node has itself detected the death, and for races).
     """
 
-    def __init__(self, self_node: str, stagger: float = 0.02, claim_ttl: float = 10.0):
+    def __init__(self, self_node: str, stagger: float = 0.02, claim_ttl: float = 10.0,
+                 max_defer: float = 1.0, reclaim_after: float = 2.0):
         if not isinstance(self_node, str) or not self_node:
             raise ValueError("self_node must be a non-empty str")
         if not stagger >= 0:
             raise ValueError(f"stagger must be >= 0, not {stagger!r}")
+        if not max_defer >= 0:
+            raise ValueError(f"max_defer must be >= 0, not {max_defer!r}")
         self.self_node = self_node
         self.stagger = float(stagger)
+        self.max_defer = float(max_defer)
+        self.reclaim_after = float(reclaim_after)
         self.claim_ttl = float(claim_ttl)
         self._pending: dict = {}          # (dead_node, key) -> _Pending
         self._heap: list = []             # (at, seq, (dead_node, key)); lazy deletion
         self._seq = 0
         self._claimed: dict = {}          # (dead_node, key) -> (claimer, heard_at)
+        self._held: dict = {}             # (dead_node, key) -> _Pending withdrawn by a claim
         self._acted: dict = {}            # (dead_node, key) -> acted_at
+        self._passed: dict = {}           # (dead_node, key) -> ({passers}, heard_at)
+        self._heard: dict = {}            # dead_node -> {node: first heard acting on it}
+        self._gone: dict = {}             # node -> when it was declared dead
         self._next_sweep = -math.inf
         self.decided = 0                  # connections ranked (with at least one candidate)
         self.mine = 0                     # ... of which this node was a candidate (pending)
@@ -317,19 +350,35 @@ class TakeoverPlanner:
         self.races = 0
         self.no_candidate = 0
         self.claimed_before_decision = 0  # skipped at peer_dead: a claim was already heard
+        self.passes_heard = 0
+        self.advanced_by_pass = 0         # acted before their stagger: every higher rank passed
+        self.deferred = 0                 # due, but a higher candidate had not spoken yet
+        self.defer_expired = 0            # acted after max_defer without a word from above
+        self.reclaimed = 0                # withdrawn by a claim, due again (PASS or claimer died)
+        self.stale_dropped = 0            # claims, actions, passes of an earlier round, dropped at a death
 
     # -- inputs ---------------------------------------------------------------------------
 
     def peer_dead(self, dead_node: str, dead_epoch: int, entries: Any,
-                  members: Mapping[str, Any], now: float) -> None:
+                  members: Mapping[str, Any], now: float, gone: bool = True,
+                  heard_until: Optional[float] = None) -> None:
         """`dead_node` was declared DEAD: rank each of its entries and schedule this node's
         part. `entries`: {key: entry} or an iterable of entries with `.key`. `members`:
         {node: MemberInfo-like}, self included (the dead node is excluded whatever its
-        `alive`). Connections already pending, acted on, or claimed are skipped."""
+        `alive`). Connections already pending, acted on, or claimed are skipped. gone=False
+        for a node that hands its connections over alive (a drain): what it claimed
+        elsewhere stays its own. heard_until: when this node last heard `dead_node`; claims,
+        passes and own actions from before then belong to an earlier round (a suspicion
+        that proved false, here or at their sender) and are dropped: kept, they would have
+        every candidate wait for another and nobody take the connection."""
         if self.self_node not in members:
             raise ValueError(f"members must include this node ({self.self_node!r}), with the "
                              "load it last advertised")
         self._expire(now)
+        if heard_until is not None:
+            self.stale_dropped += self._drop_before(dead_node, heard_until)
+        if gone:
+            self._node_gone(dead_node, now)
         if isinstance(entries, Mapping):
             items = entries.items()
         else:
@@ -357,13 +406,58 @@ class TakeoverPlanner:
             self.decided += 1
             if self.self_node not in cands:
                 continue
-            order = _rank_nodes(encode_key(key), cands, weights)
+            order = tuple(_rank_nodes(encode_key(key), cands, weights))
             k = order.index(self.self_node)
             at = now + k * self.stagger
-            self._pending[ident] = _Pending(key, entry, dead_node, dead_epoch, k, at)
+            passed = self._passed.get(ident)
+            if passed is not None and all(n in passed[0] for n in order[:k]):
+                at = now  # every candidate ranked above this node already said it cannot serve
+            self._pending[ident] = _Pending(key, entry, dead_node, dead_epoch, k, at, order, at)
             self._seq += 1
             heapq.heappush(self._heap, (at, self._seq, ident))
             self.mine += 1
+
+    def _node_gone(self, node: str, now: float) -> None:
+        """`node` is dead: what it claimed and had not finished is due again here, and it no
+        longer holds back lower ranks."""
+        self._gone.setdefault(node, now)
+        for ident in [i for i, (claimer, _) in self._claimed.items() if claimer == node]:
+            p = self._held.pop(ident, None)
+            _, heard = self._claimed.pop(ident)
+            if p is not None and ident not in self._pending and ident not in self._acted:
+                p.claimer, p.claimed_at = node, heard
+                self._repend(ident, p, now + self.reclaim_after)
+        for ident, p in self._pending.items():
+            if p.at > now and node in p.order[:p.rank] and not p.claimer:
+                self._repend(ident, p, now, count=False)
+
+    def _repend(self, ident: tuple, p: _Pending, at: float, count: bool = True) -> None:
+        p.at = at
+        self._pending[ident] = p
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, ident))
+        if count:
+            self.reclaimed += 1
+
+    def _spoke(self, node: str, dead_node: str, now: float) -> None:
+        heard = self._heard.setdefault(dead_node, {})
+        if node not in heard:
+            heard[node] = now
+
+    def _clear_at(self, ident: tuple, p: _Pending) -> float:
+        """When every candidate ranked above this node has had its chance at the connection
+        (inf: not foreseeable yet). A higher candidate is clear when it passed or died, or a
+        stagger after it could act on the connection and did not claim it: after it was
+        first heard acting on the death *and* every candidate above it was clear."""
+        passed = self._passed.get(ident)
+        passed = passed[0] if passed is not None else {}
+        heard = self._heard.get(p.dead_node, {})
+        above = -math.inf  # when every candidate ranked above the one looked at was clear
+        for n in p.order[:p.rank]:
+            done = min(self._gone.get(n, math.inf), passed.get(n, math.inf))
+            could = max(heard.get(n, math.inf), above)
+            above = max(above, min(done, could + self.stagger))
+        return above
 
     def claim_heard(self, claimer: str, dead_node: str, keys: Iterable, now: float) -> list:
         """A CLAIM from `claimer` for `keys` of `dead_node`: those are not this node's to take.
@@ -372,6 +466,7 @@ class TakeoverPlanner:
         if claimer == self.self_node:
             return races
         self._expire(now)
+        self._spoke(claimer, dead_node, now)
         for key in keys:
             key = _as_key(key)
             ident = (dead_node, key)
@@ -382,22 +477,82 @@ class TakeoverPlanner:
                 self._claimed[ident] = (claimer, now)
                 continue
             self._claimed[ident] = (claimer, now)
-            if self._pending.pop(ident, None) is not None:
+            p = self._pending.pop(ident, None)
+            if p is not None:
+                self._held[ident] = p  # kept: the claimer may pass it on after all
                 self.suppressed_by_claim += 1
         return races
 
+    def pass_heard(self, passer: str, dead_node: str, keys: Iterable, now: float) -> int:
+        """A PASS from `passer`: it cannot serve these connections of `dead_node`. A pending
+        connection of this node whose higher-ranked candidates have all passed is due now
+        (it no longer waits for its stagger). Returns how many became due."""
+        self._expire(now)
+        if passer != self.self_node:
+            self._spoke(passer, dead_node, now)
+        advanced = 0
+        for key in keys:
+            key = _as_key(key)
+            ident = (dead_node, key)
+            who = self._passed.get(ident)
+            if who is None:
+                who = self._passed[ident] = ({}, now)
+            who[0].setdefault(passer, now)
+            self.passes_heard += 1
+            claim = self._claimed.get(ident)
+            if claim is not None and claim[0] == passer:
+                del self._claimed[ident]  # its claim is withdrawn
+                held = self._held.pop(ident, None)
+                if held is not None and ident not in self._pending and ident not in self._acted:
+                    self._repend(ident, held, now)
+                    advanced += 1
+                    continue
+            p = self._pending.get(ident)
+            if p is None or p.at <= now or not all(n in who[0] for n in p.order[:p.rank]):
+                continue
+            p.at = now
+            self._seq += 1
+            heapq.heappush(self._heap, (now, self._seq, ident))
+            self.advanced_by_pass += 1
+            advanced += 1
+        return advanced
+
     def peer_alive_again(self, dead_node: str) -> int:
         """`dead_node` was falsely suspected: drop its pending decisions. Returns how many."""
+        self._gone.pop(dead_node, None)
+        for ident, p in [(i, p) for i, p in self._pending.items() if p.claimer == dead_node]:
+            del self._pending[ident]  # the claimer lives: its claims stand again
+            p.claimer = ""
+            self._held[ident] = p
+            self._claimed[ident] = (dead_node, p.claimed_at)
         gone = [ident for ident in self._pending if ident[0] == dead_node]
         for ident in gone:
             del self._pending[ident]
+        for ident in [i for i in self._held if i[0] == dead_node]:
+            del self._held[ident]
         self.cancelled += len(gone)
         return len(gone)
+
+    def _drop_before(self, dead_node: str, t: float) -> int:
+        """Claims heard, own actions and passes for dead_node's connections older than t
+        (with what a stale claim held back)."""
+        stale = [i for i, (_, at) in self._claimed.items() if i[0] == dead_node and at < t]
+        for ident in stale:
+            del self._claimed[ident]
+            self._held.pop(ident, None)
+        acted = [i for i, at in self._acted.items() if i[0] == dead_node and at < t]
+        for ident in acted:
+            del self._acted[ident]
+        passed = [i for i, (_, at) in self._passed.items() if i[0] == dead_node and at < t]
+        for ident in passed:
+            del self._passed[ident]
+        return len(stale) + len(acted) + len(passed)
 
     def forget(self, dead_node: str) -> None:
         """Drop everything about `dead_node` (pending decisions are cancelled)."""
         self.peer_alive_again(dead_node)
-        for d in (self._claimed, self._acted):
+        self._heard.pop(dead_node, None)
+        for d in (self._claimed, self._acted, self._passed):
             for ident in [i for i in d if i[0] == dead_node]:
                 del d[ident]
 
@@ -413,10 +568,20 @@ class TakeoverPlanner:
             p = self._pending.get(ident)
             if p is None or p.at != at:
                 continue                  # claimed, cancelled, or superseded
+            clear = self._clear_at(ident, p) if p.rank else -math.inf
+            if clear > now + 1e-9:
+                limit = p.first + self.max_defer
+                if now < limit - 1e-9:
+                    if p.at == p.first:
+                        self.deferred += 1
+                    self._repend(ident, p, min(limit, clear, now + self.stagger), count=False)
+                    continue
+                self.defer_expired += 1
             del self._pending[ident]
             self._acted[ident] = now
             self.acted += 1
-            out.append(TakeoverAction(p.key, p.entry, p.dead_node, p.dead_epoch, p.rank, p.at))
+            out.append(TakeoverAction(p.key, p.entry, p.dead_node, p.dead_epoch, p.rank, p.first,
+                                      last=p.rank >= len(p.order) - 1, candidates=p.order))
         self._expire(now)
         return out
 
@@ -442,6 +607,9 @@ class TakeoverPlanner:
             "suppressed_by_claim": self.suppressed_by_claim, "cancelled": self.cancelled,
             "races": self.races, "no_candidate": self.no_candidate,
             "claimed_before_decision": self.claimed_before_decision,
+            "passes_heard": self.passes_heard, "advanced_by_pass": self.advanced_by_pass,
+            "deferred": self.deferred, "defer_expired": self.defer_expired, "reclaimed": self.reclaimed,
+            "stale_dropped": self.stale_dropped,
             "pending": len(self._pending),
         }
 
@@ -454,5 +622,10 @@ class TakeoverPlanner:
         limit = now - self.claim_ttl
         for ident in [i for i, (_, t) in self._claimed.items() if t < limit]:
             del self._claimed[ident]
+            self._held.pop(ident, None)
+        for dead_node in [d for d, heard in self._heard.items() if max(heard.values()) < limit]:
+            del self._heard[dead_node]
         for ident in [i for i, t in self._acted.items() if t < limit]:
             del self._acted[ident]
+        for ident in [i for i, (_, t) in self._passed.items() if t < limit]:
+            del self._passed[ident]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import signal
 import socket
 import sys
@@ -87,6 +86,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+FDS_PER_CONNECTION = 6  # a taken-over connection: its repaired socket, the local one, two pipes
+
+
+def raise_nofile(capacity: int, base: int = 1024) -> str:
+    """Raise RLIMIT_NOFILE to what `capacity` connections need; the problem ("" if none)."""
+    import resource
+    need = base + FDS_PER_CONNECTION * capacity
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return ""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need) if hard != resource.RLIM_INFINITY
+                                                    else hard))
+    except (ValueError, OSError):
+        return (f"RLIMIT_NOFILE: node.capacity = {capacity} needs {need} open files, the hard limit is {hard} "
+                "and cannot be raised here (raise it: ulimit -Hn, or LimitNOFILE= in the systemd unit; or lower "
+                "node.capacity)")
+    return ""
+
+
+DRAIN_BUDGET = 0.005  # seconds of mapping per turn of the loop
+DRAIN_BATCH = 128
+
+
 def _fail(message: str, writer=None, **fields) -> int:
     print(f"{PROG}: {message}", file=sys.stderr)
     if writer is not None:
@@ -123,6 +146,10 @@ def run(args) -> int:
             return _fail(f"not a TCP port: {p}")
     if args.status_interval <= 0:
         return _fail("--status-interval must be positive")
+    if config is not None:
+        problem = raise_nofile(config.node.capacity)
+        if problem:
+            return _fail(problem)
     if args.sched == "batch":
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if args.nice:
@@ -207,22 +234,49 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     started = time.time()
-    batch = 1024
+    from .gcwatch import GcWatch
+    gcwatch = GcWatch()
+    drain_deferred = [0]
     errors = [0]
     limit = max(0, args.status_max_connections)
     wanted = EVENT_SETS[args.events]
     config = args.group_config
-    group = membership = transport = proto = engine = None
+    group = membership = transport = proto = engine = digests = mapjournal = None
+    welcome = [False]  # send every page at once (a peer we just learned of, or that restarted)
     advertised = {}  # key -> conn id: what this node advertises to its group
+    validators = config.takeover.validators if config is not None else "strict"
+
+    def digest_of(req, resp):
+        """The sha-256 of the object a response carries: its server said it, or the docroot's."""
+        from .digests import response_digest
+        d = response_digest({n: v for n, v in resp.headers}, resp.status or 0, method=req.method)
+        if d is None and digests is not None:
+            d = digests.lookup(req.target)
+        return d
+
+    def owned(entry, rcv_nxt, snd_nxt) -> None:
+        conn = mapper.adopt(entry, rcv_nxt, snd_nxt, time.time())
+        _advertise_conn(conn)
+
+    def released(entry) -> None:
+        if advertised.pop(entry.key, None):
+            group.local_remove(entry.key, time.monotonic())
+            if mapjournal is not None:
+                mapjournal.drop(entry.key)
 
     if config is not None:
         from .group import GroupNode
         from .membership import Membership
 
         group = GroupNode(config, epoch=time.time_ns() // 1000, now=time.monotonic())
+        def membership_event(kind, fields) -> None:
+            writer.event(kind, **fields)
+            if kind in ("peer_learned", "peer_discovered"):
+                welcome[0] = True  # a new target: it needs our whole state, not just what changes from now
+
         membership = Membership(config.node.id, config.node.group, config.sync.port, config.node.prefixes,
                                 config.sync.peers, config.sync.zeroconf, config.sync.zeroconf_interfaces,
-                                on_event=lambda kind, fields: writer.event(kind, **fields))
+                                on_event=membership_event)
         try:
             transport, proto = await loop.create_datagram_endpoint(
                 lambda: _SyncProtocol(group, membership), local_addr=(config.sync.bind, config.sync.port))
@@ -231,20 +285,31 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
                          writer, **ident)
         from .takeover import TakeoverEngine, TakeoverError, interface_ipv4
 
+        if config.service.docroot:
+            from .digests import DigestCache
+            digests = DigestCache(config.service.docroot)
+            digests.start()
         try:
             local_ip = interface_ipv4(args.iface)
             # a connection taken over is this node's to advertise (so that it can move on
-            # again), from the moment B's copy of the response is validated until it ends
+            # again): its stream mapper adopts it, and sees every later request on it
             engine = TakeoverEngine(local_ip, ident["ports"], ident["ports"][0],
                                     on_event=lambda kind, **f: writer.event(kind, **f),
-                                    on_owned=lambda e: group.local_add(e, time.monotonic()),
-                                    on_released=lambda e: group.local_remove(e.key, time.monotonic()))
+                                    validators=config.takeover.validators,
+                                    digest_of=digests.lookup if digests is not None else None,
+                                    on_claim=lambda a: group.claim_action(a, time.monotonic()),
+                                    on_pass=lambda a: group.pass_action(a, time.monotonic()),
+                                    on_owned=owned, on_released=released,
+                                    retry_alive=lambda a: group.peer_state(a.dead_node) == "dead"
+                                    and a.dead_node not in group.draining_peers)
         except (OSError, ValueError, TakeoverError) as exc:
             return _fail(f"cannot start the takeover engine on {args.iface}: {exc}", writer, **ident)
         engine.attach(loop)
+        from .persist import StreamMapJournal
+        mapjournal = StreamMapJournal(os.path.join(args.state_dir, f"server-{args.node}.journal"))
 
-    def take(entry) -> bool:
-        return engine.start(entry)
+    def take(entry, planned: bool = False) -> bool:
+        return engine.start(entry, planned=planned)
 
     def log(events) -> None:
         for ev in events:
@@ -254,63 +319,114 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
                 _advertise(ev)
 
     def _advertise(ev) -> None:
-        """Keep the group's copy of this node's stream map current."""
+        """Keep the group's copy of this node's stream map current: every connection from
+        its handshake on (so that a crash at any point is acted on), until it closes."""
+        if ev.kind == "conn_close":
+            key = _conn_key(ev.conn)
+            if advertised.pop(key, None):
+                group.local_remove(key, time.monotonic())
+            group.forget_disowned(key)
+            if mapjournal is not None:
+                mapjournal.drop(key)
+        else:
+            _advertise_conn(ev.conn)
+
+    def _advertise_conn(conn) -> None:
         from .sync import entry_from_connection
 
         now = time.monotonic()
-        if ev.kind == "response_start":
-            entry = entry_from_connection(ev.conn)
-            if entry is not None:
-                group.local_add(entry, now)
+        entry = entry_from_connection(conn, validators, digest_of)
+        if entry is not None:
+            if group.local_add(entry, now):  # False: taken over elsewhere (disowned)
                 advertised[entry.key] = True
-            else:
-                key = _conn_key(ev.conn)
-                if advertised.pop(key, None):
-                    group.local_remove(key, now)
-        elif ev.kind == "conn_close":
-            key = _conn_key(ev.conn)
+                if mapjournal is not None:
+                    mapjournal.note(conn, entry)
+        else:
+            key = _conn_key(conn)
             if advertised.pop(key, None):
                 group.local_remove(key, now)
+                if mapjournal is not None:
+                    mapjournal.drop(key)
+
+    def _destroy_local(key) -> None:
+        """Another replica continues this connection: the local socket must go now (its
+        server would otherwise retransmit into the void for minutes)."""
+        try:
+            from .sockdiag import destroy
+            local = _key_fields(key)
+            ok = destroy((local["server"], local["server_port"]), (local["client"], local["client_port"]))
+            writer.event("socket_destroyed", **local, existed=bool(ok))
+        except Exception as exc:  # noqa: BLE001  no sock_diag here: the client appliance's RST frees it later
+            writer.event("socket_destroy_failed", **_key_fields(key), reason=str(exc))
 
     def snapshot(**extra) -> dict:
-        snap = _snapshot(tap, mapper, ident, started, limit, errors[0], **extra)
+        snap = _snapshot(tap, mapper, ident, started, limit, errors[0], drain_deferred=drain_deferred[0],
+                         gc=gcwatch.snapshot(), **extra)
         if group is not None:
             snap["group"] = group.snapshot(time.monotonic())
             snap["membership"] = membership.snapshot()
             snap["sync_socket_errors"] = proto.errors
             snap["takeover"] = engine.snapshot()
+            snap["advertised"] = [[_ip_text(k[0]), k[1], _ip_text(k[2]), k[3]]
+                                  for k in list(group.sync.local_entries())[:limit]]
+            if digests is not None:
+                snap["digests"] = digests.snapshot()
             snap["address"] = engine.local_ip
         return snap
 
     def drain() -> None:
+        """Map what the tap captured, for at most DRAIN_BUDGET seconds at a time: the rest
+        waits for the next round of the loop (the tap's descriptor stays readable), so that
+        heartbeats and takeovers never wait behind a burst of new connections."""
+        end = time.monotonic() + DRAIN_BUDGET
         while True:
-            frames = tap.read(batch)
+            frames = tap.read(DRAIN_BATCH)
             for ts, data, wire_len in frames:
                 try:
-                    events = mapper.handle_frame(data, ts, tap.link, wire_len)
-                except Exception:  # a mapper bug must not take the tap down: count, report the first
+                    log(mapper.handle_frame(data, ts, tap.link, wire_len))
+                except Exception:  # a bug must not take the tap down (frames would go unmapped): count, report the first
                     errors[0] += 1
                     if errors[0] == 1:
                         traceback.print_exc(file=sys.stderr)
-                    continue
-                log(events)
-            if len(frames) < batch:
+            if len(frames) < DRAIN_BATCH:
+                return
+            if time.monotonic() >= end:
+                drain_deferred[0] += 1
+                loop.call_soon(drain)  # the ring may not wake us again by itself (TPACKET_V3)
                 return
 
     def group_tick() -> None:
         now = time.monotonic()
         datagrams = group.tick(now)
+        if welcome[0]:
+            welcome[0] = False
+            datagrams = datagrams + [d for _, d in group.sync.refresh_datagrams(now)]
         if datagrams:
             targets = membership.targets()
             for d in datagrams:
                 for addr in targets:
                     transport.sendto(d, addr)
+        for fields in gcwatch.pop_slow():
+            writer.event("gc_pause", **fields)
         for kind, fields in group.pop_events():
             writer.event(kind, **fields)
+            if kind in ("peer_new", "peer_restarted"):
+                welcome[0] = True
+        for key in group.pop_disowned():
+            advertised.pop(key, None)
+            _destroy_local(key)
+        for key, peer in group.pop_revoked():
+            # the peer lives after all: a takeover still in its handshake must not take its connection
+            t = engine.active_phase(key)
+            if t == "checking" or t == "handshake" or t == "queued":
+                engine.abort(key, f"{peer} is alive after all")
         for action in group.pop_actions():
             writer.event("takeover", dead=action.dead_node, rank=action.rank, key=_key_fields(action.key),
-                         path=getattr(action.entry.object, "path", None))
-            take(action.entry)
+                         path=getattr(action.entry.object, "path", None), last=action.last,
+                         state=action.entry.state)
+            # a draining peer is alive: if this node cannot serve one of its connections
+            # after all, the connection stays with it (a Migrate RST without P)
+            engine.start(action, planned=action.dead_node in group.draining_peers)
 
     control = None
     if args.control != "none":
@@ -339,7 +455,7 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
         for peer in group.sync.peers():
             for key, entry in group.sync.peer_entries(peer).items():
                 if key[:2] == want:
-                    if not take(entry):
+                    if not take(entry, planned=True):
                         raise ControlError(f"cannot take {conn} over now (see the event log)")
                     return {"result": "started", "from": peer}
         raise ControlError(f"no connection {conn} in the support group's tables")
@@ -357,6 +473,20 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
         left = group.sync.local_count
         return {"draining": True, "moved": before - left, "left": left}
 
+    if mapjournal is not None:
+        # the stream map of a previous run of this appliance: what still exists is ours again
+        try:
+            from . import sockdiag
+            restored = mapjournal.reconcile(sockdiag.find)
+        except OSError as exc:
+            restored = []
+            writer.event("restore_failed", reason=str(exc))
+        for r in restored:
+            conn = mapper.adopt(r.entry, r.rcv, r.snd, time.time())
+            conn.rcv_base, conn.snd_base = r.rcv_base, r.snd_base
+            _advertise_conn(conn)
+        writer.event("restored", connections=len(restored), reset=sum(1 for r in restored if r.why),
+                     **mapjournal.counters)
     loop.add_reader(tap.fileno(), drain)
     try:
         if membership is not None:
@@ -388,8 +518,9 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
     finally:
         loop.remove_reader(tap.fileno())
         if engine is not None:
-            engine.detach()
-            engine.close()
+            await engine.aclose()
+        if digests is not None:
+            digests.stop()
         if control is not None:
             await control.stop()
         if membership is not None:
@@ -401,6 +532,10 @@ async def _amain(args, tap, mapper, writer, ident: dict) -> int:
 def fp_pack(ip):
     import _fastpath
     return _fastpath.pack_address(ip) if ip else b""
+
+
+def _ip_text(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
 def _conn_key(conn) -> tuple:

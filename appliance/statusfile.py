@@ -3,15 +3,17 @@
 <state-dir>/<role>-<node>.status.json is a snapshot, replaced atomically (write, then
 rename), with "ready": true once the appliance is forwarding or capturing.
 <state-dir>/<role>-<node>.events.jsonl gets one JSON object per event, each with "t"
-(time.time()) and "event" (its kind).
+(time.time()) and "event" (its kind). The files are written by a thread of their own
+(appliance.filewriter): the appliance's loop never waits on the disk.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from .filewriter import FileWriter
 
 
 def status_path(state_dir, role: str, node: str) -> Path:
@@ -30,22 +32,25 @@ class StatusWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.status_file = status_path(state_dir, role, node)
         self.events_file = events_path(state_dir, role, node)
-        self._events = open(self.events_file, "a", buffering=1)
+        open(self.events_file, "a").close()  # a missing state dir or a bad permission fails here, at once
+        self.files = FileWriter(f"{role}-{node}-files")
         self.listeners: list = []  # callables given each event dict (the control socket's stream)
 
     def status(self, snapshot: dict) -> None:
-        tmp = self.status_file.with_name(self.status_file.name + ".tmp")
-        tmp.write_text(json.dumps(snapshot, default=_jsonable, sort_keys=True))
-        os.replace(tmp, self.status_file)
+        self.files.replace(self.status_file, json.dumps(snapshot, default=_jsonable, sort_keys=True))
 
     def event(self, kind: str, **fields) -> None:
         ev = {"t": time.time(), "event": kind, **fields}
-        self._events.write(json.dumps(ev, default=_jsonable) + "\n")
+        self.files.append(self.events_file, json.dumps(ev, default=_jsonable) + "\n")
         for listener in self.listeners:
             listener(ev)
 
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until what was asked so far is on disk (the last status at a stop, tests)."""
+        return self.files.flush(timeout)
+
     def close(self) -> None:
-        self._events.close()
+        self.files.close()
 
 
 def read_status(state_dir, role: str, node: str):

@@ -9,6 +9,9 @@ bytes to each) and feeds every datagram it receives to `receive()`.
     node.add_local(entry, now)             # a response started: a delta ADVERT goes out
     node.remove_local(entry.key, now)      # the connection ended: a WITHDRAW goes out
     node.claim(dead, dead_epoch, keys, now)   # CLAIM, sent 3 times, `heartbeat` apart
+    node.probe(target, nonce, now)         # PROBE_REQ: do you miss `target` too?
+    node.probe_ack(target, nonce, silence_ms, state, now)   # PROBE_ACK: how I see it
+    node.next_due()                        # when outgoing() next has something to send
     for kind, datagram in node.outgoing(now):  # every heartbeat tick (20 ms) or sooner
         send_to_every_peer(datagram)
     events = node.receive(datagram, now)   # never raises; node.heard_from: (sender, epoch)
@@ -19,7 +22,9 @@ Events (NamedTuples whose first field is `kind`, so they compare equal to plain 
 Heartbeat("heartbeat", sender, epoch, load, connections, capacity, prefixes, sync_port),
 PeerNew("peer_new", sender, epoch), PeerEpoch("peer_epoch", sender, old, new) (a restart:
 the old entries are already dropped), Claim("claim", sender, epoch, dead_node, dead_epoch,
-keys), Withdraw("withdraw", sender, epoch, keys, dropped). Most datagrams (unchanged pages)
+keys), Withdraw("withdraw", sender, epoch, keys, dropped), ProbeReq("probe_req", sender,
+epoch, target, nonce), ProbeAck("probe_ack", sender, epoch, target, nonce, silence_ms, state)
+(state an index into PROBE_STATES). Most datagrams (unchanged pages)
 cause no event; `heard_from` tells after each receive() whether it was a valid datagram (a
 sign of life) and from whom.
 
@@ -62,7 +67,7 @@ import hmac
 import math
 import re
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
@@ -71,10 +76,18 @@ import msgpack
 VERSION = 1
 MAX_DATAGRAM = 1200
 MAC_LEN = 32
-HEARTBEAT, ADVERT, CLAIM, WITHDRAW = 1, 2, 3, 4
-KIND_NAMES = {HEARTBEAT: "heartbeat", ADVERT: "advert", CLAIM: "claim", WITHDRAW: "withdraw"}
-ACTIVE, IDLE = "ACTIVE", "IDLE"
-_STATE_WIRE = {ACTIVE: 1, IDLE: 0}
+HEARTBEAT, ADVERT, CLAIM, WITHDRAW, PASS, PROBE_REQ, PROBE_ACK = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {HEARTBEAT: "heartbeat", ADVERT: "advert", CLAIM: "claim", WITHDRAW: "withdraw", PASS: "pass",
+              PROBE_REQ: "probe_req", PROBE_ACK: "probe_ack"}
+# a PROBE_ACK's state: the answerer's failure-detector state for the target (wire: the index)
+PROBE_STATES = ("unknown", "alive", "suspect", "dead")
+# ACTIVE: a response is on its way (resume it); IDLE: nothing in flight (adopt it); PENDING: a
+# request waits for its response (answer it in full); RESET: nobody can continue it (when its
+# server dies, a member resets the client at once instead of leaving it to hang)
+ACTIVE, IDLE, PENDING, RESET = "ACTIVE", "IDLE", "PENDING", "RESET"
+STATES = (ACTIVE, IDLE, PENDING, RESET)
+_STATE_WIRE = {ACTIVE: 1, IDLE: 0, PENDING: 2, RESET: 3}
+DIGEST_LEN = 32  # sha-256
 REPLAY_WINDOW = 1024
 _RING_MASK = REPLAY_WINDOW - 1  # REPLAY_WINDOW is a power of two
 MAX_OBJECTS_PER_PAGE = 15  # the object table stays a fixarray; indices one-byte fixints
@@ -101,9 +114,10 @@ class ObjectRef:
     etag: Optional[str]
     last_modified: Optional[str]
     total_length: int
+    digest: Optional[bytes] = None  # sha-256 of the whole object, when the advertiser knows it
 
     def __post_init__(self) -> None:
-        if not _object_ok(self.host, self.path, self.etag, self.last_modified, self.total_length):
+        if not _object_ok(self.host, self.path, self.etag, self.last_modified, self.total_length, self.digest):
             raise ValueError(f"invalid ObjectRef {self!r}")
 
 
@@ -134,6 +148,7 @@ class Entry:
     body_start: int
     body_offset: int
     body_length: int
+    reason: Optional[str] = None  # RESET: why it cannot be continued
 
     def __post_init__(self) -> None:
         reason = _entry_problem(tuple(getattr(self, n) for n in ENTRY_FIELDS))
@@ -158,9 +173,10 @@ def _is_opt_str(v) -> bool:
     return v is None or type(v) is str
 
 
-def _object_ok(host, path, etag, last_modified, total_length) -> bool:
+def _object_ok(host, path, etag, last_modified, total_length, digest=None) -> bool:
     return (type(host) is str and type(path) is str and _is_opt_str(etag)
-            and _is_opt_str(last_modified) and _is_int(total_length, 0, _U64))
+            and _is_opt_str(last_modified) and _is_int(total_length, 0, _U64)
+            and (digest is None or (type(digest) is bytes and len(digest) == DIGEST_LEN)))
 
 
 def _addr_ok(a) -> bool:
@@ -168,9 +184,9 @@ def _addr_ok(a) -> bool:
 
 
 def _entry_problem(v: tuple) -> Optional[str]:
-    """Why the 23 Entry values (Python form: state a str, object an ObjectRef) are bad, or None."""
+    """Why the 24 Entry values (Python form: state a str, object an ObjectRef) are bad, or None."""
     (cip, cport, sip, sport, ni, na, c_mss, c_ws, c_sack, c_ts, s_mss, s_ws, s_sack, s_ts, mp,
-     reqno, state, obj, req_range, status, body_start, body_offset, body_length) = v
+     reqno, state, obj, req_range, status, body_start, body_offset, body_length, reason) = v
     if not (_addr_ok(cip) and _addr_ok(sip) and len(cip) == len(sip)):
         return "addresses must be packed, 4 or 16 bytes, of one family"
     if not (_is_int(cport, 0, 65535) and _is_int(sport, 0, 65535)):
@@ -185,24 +201,28 @@ def _entry_problem(v: tuple) -> Optional[str]:
         return "c_sack, c_ts, s_sack, s_ts, mp must be bool"
     if not _is_int(reqno, 0, 127):
         return "reqno must be 0..127"
-    if state == ACTIVE:
+    if state in (ACTIVE, PENDING):
         if type(obj) is not ObjectRef:
-            return "an ACTIVE entry needs an ObjectRef"
+            return f"an {state} entry needs an ObjectRef"
     elif state == IDLE:
         if obj is not None:
             return "an IDLE entry has no object"
+    elif state == RESET:
+        if obj is not None and type(obj) is not ObjectRef:
+            return "a RESET entry's object is an ObjectRef or None"
     else:
-        return "state must be ACTIVE or IDLE"
-    if not _is_opt_str(req_range):
-        return "req_range must be str or None"
+        return "state must be ACTIVE, IDLE, PENDING or RESET"
+    if not (_is_opt_str(req_range) and _is_opt_str(reason)):
+        return "req_range and reason must be str or None"
     if not (_is_int(status, 0, 999) and _is_int(body_offset, 0, _U64) and _is_int(body_length, 0, _U64)):
         return "status, body_offset, body_length out of range"
     return None
 
 
 _B, _I, _T, _N, _S = bytes, int, bool, type(None), str
-_WIRE_TYPES = frozenset((_B, _I, _B, _I, _I, _I, _I, _I, _T, _T, _I, _I, _T, _T, _T, _I, _I, o, r, _I, _I, _I, _I)
-                        for o in (_I, _N) for r in (_S, _N))
+_WIRE_TYPES = frozenset((_B, _I, _B, _I, _I, _I, _I, _I, _T, _T, _I, _I, _T, _T, _T, _I, _I, o, r, _I, _I, _I, _I,
+                         why) for o in (_I, _N) for r in (_S, _N) for why in (_S, _N))
+_WIRE_STATES = {w: s for s, w in _STATE_WIRE.items()}
 
 
 def _wire_entry(a, objs: list) -> "Entry":
@@ -210,22 +230,21 @@ def _wire_entry(a, objs: list) -> "Entry":
     if type(a) is not list or tuple(map(type, a)) not in _WIRE_TYPES:
         raise _Bad
     (cip, cport, sip, sport, ni, na, c_mss, c_ws, _, _, s_mss, s_ws, _, _, _, reqno, st, idx, _, status,
-     body_start, body_offset, body_length) = a
+     body_start, body_offset, body_length, _) = a
     if not (len(cip) == len(sip) and (len(cip) == 4 or len(cip) == 16) and 0 <= cport <= 65535
             and 0 <= sport <= 65535 and 0 <= ni <= _U32 and 0 <= na <= _U32 and 0 <= body_start <= _U32
             and 0 <= c_mss <= 65535 and 0 <= s_mss <= 65535 and -1 <= c_ws <= 14 and -1 <= s_ws <= 14
             and 0 <= reqno <= 127 and 0 <= status <= 999 and 0 <= body_offset <= _U64
             and 0 <= body_length <= _U64):
         raise _Bad
-    if st == 1:
-        if idx is None or not 0 <= idx < len(objs):
+    state = _WIRE_STATES.get(st)
+    if idx is not None:
+        if state == IDLE or not 0 <= idx < len(objs):
             raise _Bad
         a[_OBJ_POS] = objs[idx]
-        a[_STATE_POS] = ACTIVE
-    elif st == 0 and idx is None:
-        a[_STATE_POS] = IDLE
-    else:
+    elif state in (ACTIVE, PENDING) or state is None:
         raise _Bad
+    a[_STATE_POS] = state
     return _new_entry(a)
 
 
@@ -243,44 +262,110 @@ def _unchecked(cls, names):
 
 
 _new_entry = _unchecked(Entry, ENTRY_FIELDS)
-_new_object = _unchecked(ObjectRef, ("host", "path", "etag", "last_modified", "total_length"))
+_new_object = _unchecked(ObjectRef, ("host", "path", "etag", "last_modified", "total_length", "digest"))
 
 
-def entry_from_connection(conn) -> Optional[Entry]:
-    """The advertisement of a stream-map Connection (appliance.streammap), or None.
+def entry_from_connection(conn, validators: str = "strict", digest_of=None) -> Optional[Entry]:
+    """What to advertise for a stream-map Connection (appliance.streammap), or None.
 
-    None when the connection cannot be migrated: no Migrate-Permitted on the client's SYN,
-    handshake not complete, closing or closed, no response yet, the latest response not
-    resumable, or a request waiting for its response (its bytes are not in the entry, so a
-    peer could not answer it). A connection whose latest response is known to be delivered
-    (the client acked its last byte) and that waits for nothing is advertised IDLE.
+    None when no member could act on it at all: no Migrate-Permitted on the client's SYN,
+    handshake not complete, closing or closed. Otherwise every connection is advertised, so
+    that when its server dies a member always acts:
+    * IDLE: nothing in flight (no request yet, or the latest response known to be delivered:
+      the client acked its last byte): a taker adopts it and relays later requests.
+    * PENDING: one GET waits for its response (body_start: where that response will begin):
+      a taker answers it in full from its own server.
+    * ACTIVE: a resumable response is on its way, with the validators the group's
+      `validators` level needs (strict: ETag or Last-Modified; last-modified: Last-Modified;
+      digest: the object's sha-256, from `digest_of(request, response)` or the response).
+    * RESET, with the reason, when nobody could continue it byte-exact (a response that is
+      chunked, without a length or not 200/206, a method other than GET, pipelined requests,
+      a request stream the tap lost, validators missing at this level): a taker resets the
+      client at once instead of leaving it to hang.
     """
     if not conn.migrate_permitted or conn.ni is None or conn.na is None:
         return None
-    if conn.state not in ("established",) or conn.client_options is None or conn.server_options is None:
+    if conn.state != "established" or conn.client_options is None or conn.server_options is None:
         return None
-    if conn.pending:
-        return None
-    req = conn.current
-    resp = req.response if req is not None else None
-    if resp is None or not resp.resumable or resp.body_start is None:
-        return None
+    if not getattr(conn, "client_acked", True):
+        return None  # half-open: its client has not acknowledged the SYN/ACK (a SYN flood)
     co, so = conn.client_options, conn.server_options
     common = (conn.client, conn.client_port, conn.server, conn.server_port, conn.ni, conn.na,
               co.mss or 0, -1 if co.wscale is None else co.wscale, bool(co.sack_permitted), bool(co.timestamps),
               so.mss or 0, -1 if so.wscale is None else so.wscale, bool(so.sack_permitted), bool(so.timestamps),
-              True, 0)
-    end = resp.body_end
-    last = conn.last_client
-    finished = resp.content_length == 0 or (
-        end is not None and last is not None and last.ack is not None
-        and ((last.ack - end) & _U32) < 0x80000000)
-    if finished:
+              True, getattr(conn, "reqno", 0) & 0x7F)
+    req = conn.current
+    resp = req.response if req is not None else None
+
+    def reset(why: str) -> Entry:
+        obj = None
+        if req is not None:
+            obj = ObjectRef(req.host or "", req.target, None, None, 0)
+        return Entry(*common, RESET, obj, None, 0, 0, 0, 0, why)
+
+    if getattr(conn, "reset_reason", None):
+        return reset(conn.reset_reason)
+    stream = conn.stream
+    if stream is None or stream.lost is not None:
+        return reset(f"request stream lost ({stream.lost if stream is not None else 'no stream'})")
+    if conn.upgraded:
+        return reset("connection upgraded")
+    pending = conn.pending
+    if len(pending) > 1:
+        return reset("pipelined requests")
+    if pending:
+        p = pending[0]
+        if resp is not None and not _delivered(conn, req, resp):
+            return reset("a request pipelined behind a response in flight")
+        if p.method != "GET":
+            req = p
+            return reset(f"{p.method} request")
+        if _has_body(p.headers):
+            req = p
+            return reset("GET with a body")
+        first = conn.resp_min_seq if conn.resp_min_seq is not None else (conn.na + 1) & _U32
+        obj = ObjectRef(p.host or "", p.target, None, None, 0)
+        return Entry(*common, PENDING, obj, p.range_raw, 0, first, 0, 0)
+    if resp is None or _delivered(conn, req, resp):
         return Entry(*common, IDLE, None, None, 0, 0, 0, 0)
+    if not resp.resumable or resp.body_start is None:
+        return reset(resp.unresumable_reason or "response not resumable")
+    digest = None
+    if validators == "strict" and resp.etag is None and resp.last_modified is None:
+        return reset("no ETag or Last-Modified (validators = strict)")
+    if validators == "last-modified" and resp.last_modified is None:
+        return reset("no Last-Modified (validators = last-modified)")
+    if validators == "digest":
+        digest = resp.digest if resp.digest is not None else (digest_of(req, resp) if digest_of else None)
+        if digest is None:
+            return reset("no digest of the object (validators = digest)")
     total = resp.total_length
     offset = resp.content_range.first if resp.status == 206 else 0
-    obj = ObjectRef(req.host or "", req.target, resp.etag, resp.last_modified, total)
+    obj = ObjectRef(req.host or "", req.target, resp.etag, resp.last_modified, total, digest)
     return Entry(*common, ACTIVE, obj, req.range_raw, resp.status, resp.body_start, offset, resp.content_length)
+
+
+def _delivered(conn, req, resp) -> bool:
+    """The client acked the response's last byte (for a response without a body: its head)."""
+    if resp.body_start is None:
+        return False
+    if req.method == "HEAD" or resp.status in (204, 304) or (resp.status or 0) < 200:
+        end = resp.body_start
+    elif resp.content_length == 0:
+        return True
+    else:
+        end = resp.body_end
+    last = conn.last_client
+    return (end is not None and last is not None and last.ack is not None
+            and ((last.ack - end) & _U32) < 0x80000000)
+
+
+def _has_body(headers) -> bool:
+    for n, v in headers:
+        n = n.lower()
+        if n == "transfer-encoding" or (n == "content-length" and v.strip() not in ("", "0")):
+            return True
+    return False
 
 
 # --- MAC and codec ------------------------------------------------------------------------
@@ -473,11 +558,11 @@ def _check_body(kind: int, body):
             raise _Bad
         objs = []
         for o in objects:
-            if not (type(o) is list and len(o) == 5 and _object_ok(*o)):
+            if not (type(o) is list and len(o) == 6 and _object_ok(*o)):
                 raise _Bad
             objs.append(_new_object(o))
         return (page, pages, gen, [_wire_entry(a, objs) for a in entries], delta)
-    if kind == CLAIM:
+    if kind == CLAIM or kind == PASS:
         if len(body) != 3:
             raise _Bad
         node, epoch, keys = body
@@ -488,6 +573,21 @@ def _check_body(kind: int, body):
         if len(body) != 1 or type(body[0]) is not list:
             raise _Bad
         return ([_check_key(k) for k in body[0]],)
+    if kind == PROBE_REQ:
+        if len(body) != 2:
+            raise _Bad
+        target, nonce = body
+        if not (type(target) is str and NODE_ID.match(target) and _is_int(nonce, 0, _U32)):
+            raise _Bad
+        return (target, nonce)
+    if kind == PROBE_ACK:
+        if len(body) != 4:
+            raise _Bad
+        target, nonce, silence_ms, state = body
+        if not (type(target) is str and NODE_ID.match(target) and _is_int(nonce, 0, _U32)
+                and _is_int(silence_ms, 0, _U32) and _is_int(state, 0, len(PROBE_STATES) - 1)):
+            raise _Bad
+        return (target, nonce, silence_ms, state)
     raise _Bad
 
 
@@ -638,12 +738,43 @@ class Claim(NamedTuple):
     keys: list
 
 
+class Pass(NamedTuple):
+    """A member cannot serve these connections of dead_node: the next candidate acts now."""
+    kind: str
+    sender: str
+    epoch: int
+    dead_node: str
+    dead_epoch: int
+    keys: list
+
+
 class Withdraw(NamedTuple):
     kind: str
     sender: str
     epoch: int
     keys: list  # every key of the WITHDRAW
     dropped: list  # those that were in the table (and older than the WITHDRAW)
+
+
+class ProbeReq(NamedTuple):
+    """The sender's detector declared `target` dead: does the receiver miss it too?"""
+    kind: str
+    sender: str
+    epoch: int
+    target: str
+    nonce: int
+
+
+class ProbeAck(NamedTuple):
+    """The answer to a PROBE_REQ: how the sender sees `target` (silence in ms, and its
+    detector's state as an index into PROBE_STATES)."""
+    kind: str
+    sender: str
+    epoch: int
+    target: str
+    nonce: int
+    silence_ms: int
+    state: int
 
 
 # --- Sender side: pages -------------------------------------------------------------------
@@ -656,8 +787,8 @@ class _TxEntry:
         v = [getattr(entry, n) for n in ENTRY_FIELDS]
         v[_STATE_POS] = _STATE_WIRE[v[_STATE_POS]]
         self.entry = entry
-        # array16 header for 23 fields + the 17 before `object`; the 5 after it
-        self.pre = b"\xdc\x00\x17" + _packb(v[:_OBJ_POS])[3:]
+        # array16 header for 24 fields + the 17 before `object`; the 6 after it
+        self.pre = b"\xdc\x00\x18" + _packb(v[:_OBJ_POS])[3:]
         self.post = _packb(v[_OBJ_POS + 1:])[1:]
         self.size = len(self.pre) + 1 + len(self.post)
         self.page = -1
@@ -677,7 +808,7 @@ class _TxPage:
 
 
 def _object_bytes(o: ObjectRef) -> bytes:
-    return _packb([o.host, o.path, o.etag, o.last_modified, o.total_length])
+    return _packb([o.host, o.path, o.etag, o.last_modified, o.total_length, o.digest])
 
 
 def _page_capacity(needed: int) -> int:
@@ -827,8 +958,9 @@ class SyncNode:
         self._load: Optional[float] = None
         self._pending_delta: Dict[Key, None] = {}
         self._pending_withdraw: Dict[Key, None] = {}
-        self._claims: List[list] = []  # [due, copies left, dead_node, dead_epoch, keys]
-        self._claims_new: Dict[tuple, Dict[Key, None]] = {}  # (node, epoch, copies) -> keys
+        self._claims: List[list] = []  # [due, copies left, dead_node, dead_epoch, keys, kind]
+        self._claims_new: Dict[tuple, Dict[Key, None]] = {}  # (kind, node, epoch, copies) -> keys
+        self._probes: List[list] = []  # [due, copies left, kind, body bytes]: PROBE_REQ / PROBE_ACK
         self._next_heartbeat: Optional[float] = None
         self._round_start: Optional[float] = None
         self._round_next = 0
@@ -837,6 +969,9 @@ class SyncNode:
         self._rx_prefix: Dict[bytes, _Peer] = {}
         self._rx_lens: Tuple[int, ...] = ()
         self._rx_len = 0  # the one prefix length, -1 for several, 0 for none
+        # (peer, entry) of entries newly learnt with a ReqNo: connections that migrated, which
+        # the node they came from must stop advertising (GroupNode.tick reads them)
+        self.moved: deque = deque(maxlen=65536)
         # (sender, epoch) of the last datagram receive() accepted, None when it dropped it:
         # any valid datagram is a sign of life, and most (unchanged pages) cause no event
         self.heard_from: Optional[Tuple[str, int]] = None
@@ -851,6 +986,11 @@ class SyncNode:
 
     def local_entries(self) -> Dict[Key, Entry]:
         return {k: t.entry for k, t in self._local.items()}
+
+    def local_entries_get(self, key: Key) -> Optional[Entry]:
+        """One local entry (O(1))."""
+        t = self._local.get(key)
+        return t.entry if t is not None else None
 
     def set_connections(self, n: Optional[int]) -> None:
         """Open connections for the heartbeat (None: the number of local entries)."""
@@ -1163,19 +1303,49 @@ class SyncNode:
             for i, tes in by_page.items():
                 self._emit(out, ADVERT, self._page_body(i, tes, True))
         if self._claims_new:
-            for (node, epoch, copies), keys in self._claims_new.items():
+            for (kind, node, epoch, copies), keys in self._claims_new.items():
                 for chunk in self._key_chunks([list(k) for k in keys]):
-                    self._claims.append([now, copies, node, epoch, chunk])
+                    self._claims.append([now, copies, node, epoch, chunk, kind])
             self._claims_new = {}
         if self._claims:
             for c in self._claims:
                 if now >= c[0]:
-                    self._emit(out, CLAIM, _packb([c[2], c[3], c[4]]))
+                    self._emit(out, c[5], _packb([c[2], c[3], c[4]]))
                     c[1] -= 1
                     c[0] = now + self.heartbeat
             self._claims = [c for c in self._claims if c[1] > 0]
+        if self._probes:
+            for c in self._probes:
+                if now >= c[0] - 1e-9:
+                    self._emit(out, c[2], c[3])
+                    c[1] -= 1
+                    c[0] = now + self.heartbeat
+            self._probes = [c for c in self._probes if c[1] > 0]
         self._refresh_due(now, out)
         return out
+
+    def next_due(self) -> float:
+        """The earliest `now` at which outgoing() has something to send: -inf when something
+        is queued (a withdraw, a delta, a claim, a probe), else the next heartbeat, claim or
+        probe copy, or refresh page, whichever comes first."""
+        if self._pending_withdraw or self._pending_delta or self._claims_new:
+            return -math.inf
+        nh = self._next_heartbeat
+        if nh is None or self._round_start is None:
+            return -math.inf
+        due = nh - self.heartbeat * 0.1
+        for c in self._claims:
+            if c[0] < due:
+                due = c[0]
+        for c in self._probes:
+            if c[0] < due:
+                due = c[0]
+        rs = self._round_start
+        n = len(self._pages)
+        t = rs + self.refresh * 0.99  # the next round
+        if n and self._round_next < n:
+            t = min(t, rs + self._round_next * self.refresh / n) if self.pace else rs
+        return min(due, t)
 
     def _refresh_due(self, now: float, out: list) -> None:
         rs = self._round_start
@@ -1246,17 +1416,44 @@ class SyncNode:
         if chunk:
             yield chunk
 
-    def claim(self, dead_node: str, dead_epoch: int, keys: Iterable[Key], now: float, copies: int = 3) -> None:
+    def claim(self, dead_node: str, dead_epoch: int, keys: Iterable[Key], now: float, copies: int = 3,
+              kind: int = CLAIM) -> None:
         """Queue a CLAIM of `keys` of dead_node: sent at the next outgoing() and copies - 1
         times more, `heartbeat` apart (each copy a new datagram with its own seq). Claims of
-        one dead node queued before the next outgoing() share datagrams."""
+        one dead node queued before the next outgoing() share datagrams. kind=PASS sends
+        a PASS instead (this node cannot serve them), with the same rules."""
         if not (isinstance(dead_node, str) and NODE_ID.match(dead_node)) or not _is_int(dead_epoch, 0, _U64):
             raise ValueError("bad dead_node or dead_epoch")
         if not _is_int(copies, 1, 100):
             raise ValueError("copies must be 1..100")
-        pending = self._claims_new.setdefault((dead_node, dead_epoch, copies), {})
+        if kind not in (CLAIM, PASS):
+            raise ValueError("kind must be CLAIM or PASS")
+        pending = self._claims_new.setdefault((kind, dead_node, dead_epoch, copies), {})
         for k in keys:
             pending[tuple(k)] = None
+
+    def pass_on(self, dead_node: str, dead_epoch: int, keys: Iterable[Key], now: float, copies: int = 3) -> None:
+        """Queue a PASS of `keys` of dead_node (see claim())."""
+        self.claim(dead_node, dead_epoch, keys, now, copies, kind=PASS)
+
+    def probe(self, target: str, nonce: int, now: float, copies: int = 1) -> None:
+        """Queue a PROBE_REQ about `target` (its nonce 0..2**32-1): sent at the next
+        outgoing() and copies - 1 times more, `heartbeat` apart, each a new datagram."""
+        if not (isinstance(target, str) and NODE_ID.match(target)) or not _is_int(nonce, 0, _U32):
+            raise ValueError("bad target or nonce")
+        if not _is_int(copies, 1, 100):
+            raise ValueError("copies must be 1..100")
+        self._probes.append([-math.inf, copies, PROBE_REQ, _packb([target, nonce])])
+
+    def probe_ack(self, target: str, nonce: int, silence_ms: int, state: int, now: float) -> None:
+        """Queue a PROBE_ACK (sent once, at the next outgoing()): how this node sees `target`.
+        silence_ms is clamped to 0..2**32-1; state is an index into PROBE_STATES."""
+        if not (isinstance(target, str) and NODE_ID.match(target)) or not _is_int(nonce, 0, _U32):
+            raise ValueError("bad target or nonce")
+        if not _is_int(state, 0, len(PROBE_STATES) - 1):
+            raise ValueError(f"state must be 0..{len(PROBE_STATES) - 1}")
+        silence_ms = min(_U32, max(0, int(silence_ms)))
+        self._probes.append([-math.inf, 1, PROBE_ACK, _packb([target, nonce, silence_ms, state])])
 
     # --- receive ---------------------------------------------------------------------------
 
@@ -1401,6 +1598,12 @@ class SyncNode:
             events.append(Withdraw("withdraw", sender, msg.epoch, body[0], gone))
         elif kind == CLAIM:
             events.append(Claim("claim", sender, msg.epoch, body[0], body[1], body[2]))
+        elif kind == PASS:
+            events.append(Pass("pass", sender, msg.epoch, body[0], body[1], body[2]))
+        elif kind == PROBE_REQ:
+            events.append(ProbeReq("probe_req", sender, msg.epoch, body[0], body[1]))
+        elif kind == PROBE_ACK:
+            events.append(ProbeAck("probe_ack", sender, msg.epoch, *body))
         return events
 
     def _register_prefix(self, peer: _Peer, prefix: bytes) -> None:
@@ -1450,6 +1653,8 @@ class SyncNode:
             if r is not None and r.page is not rp:
                 r.page.members.discard(k)
             tab[k] = _RxEntry(e, rp, seq, None, gen)
+            if e.reqno and (r is None or r.entry.reqno != e.reqno):
+                self.moved.append((peer.name, e))
             new_members.add(k)
         for k in rp.members - new_members:
             r = tab.get(k)
@@ -1500,6 +1705,8 @@ class SyncNode:
             if r is not None and r.page is not rp:
                 r.page.members.discard(k)
             tab[k] = _RxEntry(e, rp, seq, now, gen)
+            if e.reqno and (r is None or r.entry.reqno != e.reqno):
+                self.moved.append((peer.name, e))
             rp.members.add(k)
             heapq.heappush(peer.own, (now, k))
             # the page's last decoded bytes no longer describe what the table holds for it

@@ -30,6 +30,7 @@ def test_defaults():
 
 def _with(section, key, value):
     d = {k: dict(v) for k, v in GOOD.items()}
+    d.setdefault(section, {})
     if value is KeyError:
         del d[section][key]
     else:
@@ -58,6 +59,8 @@ def _with(section, key, value):
     ("health", "detector", "magic", "health.detector: must be 'phi' or 'missed'"),
     ("health", "dead_after_ms", 5, "health.dead_after_ms: must be at least two heartbeat intervals"),
     ("service", "ports", [80, 70000], "service.ports[1]: must be 1..65535"),
+    ("service", "docroot", "/nonexistent/docroot", "service.docroot: not a directory"),
+    ("takeover", "validators", "etag", "takeover.validators: must be one of strict, last-modified, digest"),
 ])
 def test_bad_field_is_named(section, key, value, message):
     with pytest.raises(ConfigError) as e:
@@ -85,3 +88,14 @@ def test_files(tmp_path):
         load(f)
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "missing.toml")
+
+
+def test_takeover_validators_and_docroot(tmp_path):
+    c = parse(GOOD)
+    assert c.takeover.validators == "strict" and c.service.docroot is None
+    (tmp_path / "www").mkdir()
+    f = tmp_path / "a.toml"
+    f.write_text('[node]\nid = "a"\ngroup = "g"\ninsecure_sync = true\n[service]\ndocroot = "www"\n'
+                 '[takeover]\nvalidators = "digest"\n')
+    c = load(f)
+    assert c.takeover.validators == "digest" and c.service.docroot == str(tmp_path / "www")

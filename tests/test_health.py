@@ -404,3 +404,80 @@ def test_property_phi_normal_histories(interval, seed, jitter, loss, n):
     assert "dead" not in kinds_of(events)
     silence = time_to_dead(det, last)
     assert 0.8 * DEAD_AFTER - 1e-9 <= silence <= DEAD_AFTER + STEP + 1e-9
+
+
+# -- local health: multiplier, stale arrivals, bursts ---------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multiplier_scales_both_thresholds_and_the_cap(kind):
+    det = FailureDetector(kind)
+    last, _ = feed(det, [0.02] * 50)
+    s0, d0 = det.suspect_silence(), det.dead_silence()
+    det.set_multiplier(2.5)
+    assert det.multiplier == 2.5
+    assert det.suspect_silence() == pytest.approx(2.5 * s0) and det.dead_silence() == pytest.approx(2.5 * d0)
+    assert det.next_deadline() == pytest.approx(last + 2.5 * s0)
+    assert time_to_dead(det, last) == pytest.approx(2.5 * d0, abs=STEP)
+    # the history keeps its effect under the multiplier; back to 1 restores the thresholds
+    det.heartbeat(last + 1.0, 1)
+    det.set_multiplier(1)
+    assert det.dead_silence() <= det.dead_after + 1e-12
+    with pytest.raises(ValueError):
+        det.set_multiplier(0.5)
+    with pytest.raises(ValueError):
+        det.set_multiplier(float("nan"))
+    det.set_multiplier(1000)
+    assert det.multiplier == 16.0  # capped
+    assert det.snapshot(last)["multiplier"] == 16.0
+
+
+def test_a_stale_heartbeat_is_a_sign_of_life_not_a_sample():
+    det = FailureDetector()
+    last, _ = feed(det, [0.02] * 50)
+    n, mean = det.samples, det.mean
+    assert det.heartbeat(last + 0.3, 1, sample=False) == []
+    assert det.samples == n and det.mean == mean and det.last_heard == last + 0.3
+    assert det.heartbeats == 52 and det.state == ALIVE
+    det.heartbeat(last + 0.32, 1)  # nor the gap from the stale one, nor from the last sampled one
+    assert det.samples == n
+    det.heartbeat(last + 0.34, 1)
+    assert det.samples == n + 1 and det.mean == pytest.approx(0.02)
+
+
+def test_rebase_skips_the_gap_across_a_local_stall():
+    det = FailureDetector()
+    last, _ = feed(det, [0.02] * 50)
+    n = det.samples
+    det.rebase()
+    det.heartbeat(last + 0.5, 1)      # no sample: the gap is the stall's
+    assert det.samples == n
+    det.heartbeat(last + 0.52, 1)
+    assert det.samples == n + 1 and det.mean == pytest.approx(0.02)
+
+
+def test_a_burst_after_a_stall_does_not_confuse_phi():
+    """A backlog read at once after a 300 ms stall: one huge gap, then near-zero ones. Without
+    the burst rule the std would jump (slower detection for a whole window) and the mean
+    drop; with it the history is what it was, and detection time too."""
+    det = FailureDetector()
+    last, _ = feed(det, [0.02] * 100)
+    mean, std, dead = det.mean, det.std, det.dead_silence()
+    t = last + 0.3
+    for k in range(15):               # 15 heartbeats read 20 us apart
+        det.heartbeat(t + k * 2e-5, 1)
+    assert det.bursts == 14
+    assert det.mean == pytest.approx(mean) and det.std == pytest.approx(std)
+    assert det.dead_silence() == pytest.approx(dead)
+    last, events = feed(det, [0.02] * 20, t0=t + 14 * 2e-5)
+    assert "dead" not in kinds_of(events) and det.std == pytest.approx(std, rel=0.05)
+    assert time_to_dead(det, last) == pytest.approx(0.09, abs=2 * STEP)
+
+
+def test_network_reordering_is_not_a_burst():
+    """A heartbeat delayed 12 ms and the next on time: gaps of 32 and 8 ms, both samples."""
+    det = FailureDetector()
+    last, _ = feed(det, [0.02] * 20)
+    n = det.samples
+    det.heartbeat(last + 0.032, 1)
+    det.heartbeat(last + 0.040, 1)
+    assert det.samples == n + 2 and det.bursts == 0

@@ -305,8 +305,9 @@ class Group:
         self.actions = []      # (node, TakeoverAction, executed_at)
         self.races = []
 
-    def run(self, entries, detect=None, until=0.2, step=0.001, epoch=9):
-        detect = detect or {}
+    def run(self, entries, detect=None, until=0.2, step=0.001, epoch=9, deaths=None):
+        """deaths: {node: t}: every planner learns then that `node` died too (no entries)."""
+        detect, deaths = detect or {}, dict(deaths or {})
         t, started = 0.0, set()
         for i in range(int(round(until / step)) + 1):
             t = i * step
@@ -316,6 +317,12 @@ class Group:
                     members = dict(self.members)
                     members[self.dead] = MemberInfo(0.3, alive=False)
                     p.peer_dead(self.dead, epoch, entries, members, t)
+            for node, when in list(deaths.items()):
+                if when <= t + 1e-12:
+                    del deaths[node]
+                    members = {x: MemberInfo(0.3, alive=x not in (self.dead, node)) for x in self.members}
+                    for p in self.planners.values():
+                        p.peer_dead(node, epoch, {}, members, t)
             for msg in [m for m in self.bus if m[0] <= t + 1e-12]:
                 self.bus.remove(msg)
                 _, dst, claimer, keys = msg
@@ -363,24 +370,87 @@ def test_exactly_one_action_per_connection(n):
     assert all(p.pending() == 0 for p in g.planners.values())
 
 
-def test_first_ranked_also_dead_second_acts_after_one_stagger():
+@pytest.mark.parametrize("b_declared", [0.1, None])
+def test_first_ranked_also_dead_second_waits_for_it(b_declared):
+    """b died too, unseen: the rank-1 candidate of b's share does not act after one stagger
+    (b might only be late), but as soon as b is declared dead, or after max_defer."""
     nodes = ["a", "b", "c", "d", "e"]
     entries = dead_entries()
-    g = Group(nodes, dead="a", silent=("b",))      # b died too, not yet detected
-    acts = g.run(entries)
+    g = Group(nodes, dead="a", silent=("b",))
+    until = 0.2 if b_declared else 1.1
+    acts = g.run(entries, until=until, deaths={"b": b_declared} if b_declared else None)
     live = {x: MemberInfo(0.3) for x in "bcde"}
     assert sorted(a.key for _, a, _ in acts) == sorted(entries)
     n_late = 0
     for x, a, t in acts:
         order = rank(a.key, "/", live)
         if order[0] == "b":
-            assert x == order[1] and a.rank == 1
-            assert a.at == pytest.approx(STAGGER) and t == pytest.approx(STAGGER)
+            assert x == order[1] and a.rank == 1 and a.at == pytest.approx(STAGGER)
+            assert t == pytest.approx(b_declared or STAGGER + 1.0)
             n_late += 1
         else:
             assert x == order[0] and t == 0.0
     assert 150 < n_late < 350            # b was first for about a quarter of them
     assert g.races == []
+    deferred = sum(p.counters()["deferred"] for p in g.planners.values())
+    assert deferred >= n_late  # and lower ranks behind b too
+    assert sum(p.counters()["defer_expired"] for p in g.planners.values()) == (0 if b_declared else n_late)
+
+
+def test_a_claim_withdrawn_by_a_pass_is_due_again():
+    p = TakeoverPlanner("c", stagger=STAGGER)
+    members = {x: MemberInfo(0.3) for x in "abc"}
+    entries = dead_entries(200)
+    mine = {k for k in entries if rank(k, "/", {x: members[x] for x in "bc"})[0] == "b"}
+    p.peer_dead("a", 1, entries, members, 0.0)
+    p.claim_heard("b", "a", list(mine), 0.001)
+    assert [a for a in p.due(0.5) if a.key in mine] == []
+    k = next(iter(mine))
+    assert p.pass_heard("b", "a", [k], 0.6) == 1   # b cannot serve it after all
+    [act] = p.due(0.6)
+    assert act.key == k and act.rank == 1
+    assert p.counters()["reclaimed"] == 1
+
+
+def test_a_claimer_that_dies_hands_its_unfinished_claims_back():
+    p = TakeoverPlanner("c", stagger=STAGGER)
+    members = {x: MemberInfo(0.3) for x in "abc"}
+    entries = dead_entries(200)
+    mine = {k for k in entries if rank(k, "/", {x: members[x] for x in "bc"})[0] == "b"}
+    p.peer_dead("a", 1, entries, members, 0.0)
+    p.claim_heard("b", "a", list(mine), 0.001)
+    assert [a for a in p.due(0.5) if a.key in mine] == []
+    p.peer_dead("b", 1, {}, {x: MemberInfo(0.3, alive=x == "c") for x in "abc"}, 0.6)
+    assert p.due(0.6 + p.reclaim_after - 0.01) == []  # b may only be stalled: not at once
+    assert {a.key for a in p.due(0.6 + p.reclaim_after)} == mine
+
+
+def test_a_stalled_claimer_heard_again_keeps_its_claims():
+    p = TakeoverPlanner("c", stagger=STAGGER)
+    members = {x: MemberInfo(0.3) for x in "abc"}
+    entries = dead_entries(200)
+    mine = {k for k in entries if rank(k, "/", {x: members[x] for x in "bc"})[0] == "b"}
+    p.peer_dead("a", 1, entries, members, 0.0)
+    p.claim_heard("b", "a", list(mine), 0.001)
+    p.due(0.5)
+    p.peer_dead("b", 1, {}, {x: MemberInfo(0.3, alive=x == "c") for x in "abc"}, 0.6)
+    p.peer_alive_again("b")  # a false suspicion: b was only slow
+    assert p.due(5.0) == []
+    k = next(iter(mine))
+    assert p.pass_heard("b", "a", [k], 5.1) == 1  # and b can still hand one on
+    assert [a.key for a in p.due(5.1)] == [k]
+
+
+def test_a_drained_node_keeps_its_claims():
+    p = TakeoverPlanner("c", stagger=STAGGER)
+    members = {x: MemberInfo(0.3) for x in "abc"}
+    entries = dead_entries(50)
+    mine = {k for k in entries if rank(k, "/", {x: members[x] for x in "bc"})[0] == "b"}
+    p.peer_dead("a", 1, entries, members, 0.0)
+    p.claim_heard("b", "a", list(mine), 0.001)
+    p.due(0.5)
+    p.peer_dead("b", 1, {}, members, 0.6, gone=False)   # b drains: alive, its claims stand
+    assert p.due(0.6) == []
 
 
 def test_lost_claims_second_ranked_acts_too_and_race_is_recorded():
@@ -397,10 +467,10 @@ def test_lost_claims_second_ranked_acts_too_and_race_is_recorded():
         per_key.setdefault(a.key, []).append((a.rank, x, t))
     for k in entries:
         got = sorted(per_key[k])
-        if k in lost:
+        if k in lost:  # the rank-1 node acts once the first has been heard for a stagger
             order = rank(k, "/", live)
             assert [(r, x) for r, x, _ in got] == [(0, order[0]), (1, order[1])]
-            assert got[1][2] == pytest.approx(STAGGER)
+            assert got[1][2] == pytest.approx(g.delay + STAGGER)
         else:
             assert len(got) == 1 and got[0][0] == 0
     assert len(g.races) == len(lost)
@@ -589,3 +659,25 @@ def test_peer_dead_cost():
     p.peer_dead("a", 1, entries, members, 0.0)
     elapsed = time.perf_counter() - t
     assert elapsed < 0.5
+
+
+def test_claims_of_an_earlier_round_do_not_stop_the_next_one():
+    """A false suspicion of a: b's claims of that round reach c late, after c has heard a
+    again. When a really dies (within claim_ttl), c last heard a after those claims: they
+    are dropped, and c takes its part (kept, every candidate would wait for another)."""
+    members = {x: MemberInfo(0.3) for x in "abc"}
+    entries = dead_entries(200)
+    ranks = {k: rank(k, "/", {x: members[x] for x in "bc"}) for k in entries}
+    for heard_until, want_all in ((None, False), (2.0, True)):
+        p = TakeoverPlanner("c", stagger=STAGGER, claim_ttl=10.0)
+        p.peer_dead("a", 1, entries, members, 0.0)
+        p.peer_alive_again("a")  # the suspicion was false
+        p.forget("a")
+        p.claim_heard("b", "a", list(entries), 0.2)  # b's claims of that round, late
+        p.peer_dead("a", 1, entries, members, 3.0, heard_until=heard_until)  # a really died at 2.0
+        due = {a.key for a in p.due(3.0 + 5 * STAGGER)}
+        if want_all:
+            assert due == set(entries) and p.counters()["stale_dropped"] == len(entries)
+        else:  # the bug it prevents: c waits for b's stale claims, b for c's, nobody acts
+            assert due == set() and p.counters()["claimed_before_decision"] == len(entries)
+    assert {r[0] for r in ranks.values()} == {"b", "c"}  # c is not first for all of them

@@ -168,7 +168,7 @@ def test_capture_two_requests_on_one_keep_alive_connection(netns_pair, tmp_path,
 
     events = statusfile.read_events(state, "server", "s")
     kinds = [e["event"] for e in events]
-    assert kinds == ["conn_open", "request", "response_start", "request", "response_start", "conn_close"], kinds
+    assert kinds == ["conn_open", "conn_established", "request", "response_start", "request", "response_start", "conn_close"], kinds
     requests = [e["request"] for e in events if e["event"] == "request"]
     assert [r["path"] for r in requests] == [f"/{name}" for name in SIZES]
     assert all(r["method"] == "GET" and r["host"] == url_host for r in requests)
@@ -237,3 +237,16 @@ def test_missing_privilege_exits_2_with_one_line():
                                            "(needs root or CAP_NET_RAW)"]
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_open_file_limit_is_raised_for_the_capacity_or_the_start_refused():
+    import resource
+    from appliance.server import FDS_PER_CONNECTION, raise_nofile
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        assert raise_nofile(100) == ""
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1024 + FDS_PER_CONNECTION * 100
+        problem = raise_nofile(10_000_000)  # beyond fs.nr_open: cannot be had
+        assert problem.startswith("RLIMIT_NOFILE: node.capacity = 10000000 needs") and "hard limit" in problem
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -17,8 +17,8 @@ import _fastpath as fp
 from appliance import sync
 from appliance.streammap import StreamMapper
 from appliance.sync import (
-    ACTIVE, ADVERT, CLAIM, HEARTBEAT, IDLE, MAX_DATAGRAM, WITHDRAW, Decoder, Entry, ObjectRef, SyncNode,
-    encode, entry_from_connection,
+    ACTIVE, ADVERT, CLAIM, HEARTBEAT, IDLE, MAX_DATAGRAM, PASS, PENDING, PROBE_ACK, PROBE_REQ, PROBE_STATES, RESET,
+    WITHDRAW, Decoder, Entry, ObjectRef, SyncNode, encode, entry_from_connection,
 )
 
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -66,11 +66,11 @@ def test_entry_fields_follow_the_design_table_and_key():
     assert sync.ENTRY_FIELDS == (
         "client_ip", "client_port", "server_ip", "server_port", "ni", "na", "c_mss", "c_wscale", "c_sack",
         "c_ts", "s_mss", "s_wscale", "s_sack", "s_ts", "mp", "reqno", "state", "object", "req_range",
-        "status", "body_start", "body_offset", "body_length")
+        "status", "body_start", "body_offset", "body_length", "reason")
     e = entry(3)
     assert e.key == (bytes((10, 1, 0, 3)), 40003, bytes((10, 70, 1, 1)), 80)
     assert [f.name for f in dataclasses.fields(ObjectRef)] == ["host", "path", "etag", "last_modified",
-                                                               "total_length"]
+                                                               "total_length", "digest"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         e.ni = 1
     hash(e), hash(OBJ)
@@ -108,6 +108,38 @@ def test_datagram_layout_version_msgpack_hmac():
     assert d[-32:] == hmac.new(b"", d[:-32], hashlib.sha256).digest()
     with pytest.raises(ValueError):
         encode(HEARTBEAT, GROUP, "a", 7, 1, [0.5, 3, 6, ["x" * 2000], 7700], KEY)
+
+
+def test_pending_reset_and_digest_entries_round_trip():
+    """Every state and an object digest cross the wire intact; PASS is a kind of its own."""
+    a, b = node("a", 5), node("b", 9)
+    digest = hashlib.sha256(b"the object").digest()
+    obj = dataclasses.replace(OBJ, digest=digest)
+    pending_obj = ObjectRef("h", "/p?x=1", None, None, 0)
+    es = [entry(1, obj=obj), entry(2, state=PENDING, object=pending_obj, status=0, body_length=0),
+          entry(3, state=RESET, object=None, reason="chunked transfer-encoding", status=0, body_length=0),
+          entry(4, state=RESET, object=OBJ, reason="no validators")]
+    for e in es:
+        a.add_local(e, 0.0)
+    a.pass_on("c", 42, [es[0].key], 0.0)
+    events = []
+    out = a.outgoing(0.0)
+    assert PASS in [k for k, _ in out]
+    for _, d in out:
+        events += b.receive(d, 0.001)
+    assert b.peer_entries("a") == {e.key: e for e in es}
+    assert b.peer_entry("a", es[0].key).object.digest == digest
+    assert [ev for ev in events if ev.kind == "pass"] == [("pass", "a", 5, "c", 42, [es[0].key])]
+    assert b.counters()["dropped_total"] == 0
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: entry(1, state=PENDING, object=None), lambda: entry(1, state="DONE"), lambda: entry(1, reason=b"x"),
+    lambda: dataclasses.replace(OBJ, digest=b"short"),
+])
+def test_bad_new_entry_fields_rejected(bad):
+    with pytest.raises(ValueError):
+        bad()
 
 
 def test_mac_matches_hmac_module_for_long_keys():
@@ -554,6 +586,104 @@ def test_forget_peer_and_claims_three_times():
     assert len(b.peer_entries("a")) == 3
 
 
+def test_probe_req_and_ack_round_trip():
+    a, b = node("a", 5), node("b", 9)
+    a.probe("c", 0xDEADBEEF, 0.0)
+    a.probe_ack("c", 7, 95.7, PROBE_STATES.index("suspect"), 0.0)
+    out = a.outgoing(0.0)
+    assert [k for k, _ in out] == [HEARTBEAT, PROBE_REQ, PROBE_ACK]
+    events = []
+    for _, d in out:
+        assert len(d) < 100
+        events += b.receive(d, 0.001)
+    by = {ev.kind: ev for ev in events}
+    assert by["probe_req"] == ("probe_req", "a", 5, "c", 0xDEADBEEF)
+    assert by["probe_ack"] == ("probe_ack", "a", 5, "c", 7, 95, 2)
+    assert b.heard_from == ("a", 5)
+    c = b.counters()
+    assert c["received_by_kind"]["probe_req"] == 1 and c["received_by_kind"]["probe_ack"] == 1
+    assert a.counters()["sent_by_kind"]["probe_req"] == 1 and c["dropped_total"] == 0
+    # the decoder reads what encode writes (and any valid msgpack encoding of it)
+    dec = Decoder(GROUP, KEY, "me")
+    m = dec.decode(encode(PROBE_ACK, GROUP, "x", 3, 17, ["a", 2**32 - 1, 2**32 - 1, 3], KEY))
+    assert (m.kind, m.sender, m.seq, m.body) == (PROBE_ACK, "x", 17, ("a", 2**32 - 1, 2**32 - 1, 3))
+    m = dec.decode(encode(PROBE_REQ, GROUP, "x", 3, 18, ["node-1.b_2", 0], KEY))
+    assert (m.kind, m.body) == (PROBE_REQ, ("node-1.b_2", 0))
+
+
+def test_probe_copies_are_heartbeat_apart_and_ack_silence_is_clamped():
+    a, b = node("a", heartbeat=0.02), node("b")
+    a.outgoing(0.0)
+    a.probe("c", 1, 0.1, copies=2)
+    a.probe_ack("c", 2, 10**12, 1, 0.1)
+    assert a.next_due() == float("-inf")  # queued: due at once
+    seen = []
+    for t in (0.1, 0.11, 0.12, 0.13, 0.15):
+        for k, d in a.outgoing(t):
+            for ev in b.receive(d, t):
+                if ev.kind in ("probe_req", "probe_ack"):
+                    seen.append((t, ev.kind, ev[3:]))
+    assert seen == [(0.1, "probe_req", ("c", 1)), (0.1, "probe_ack", ("c", 2, 2**32 - 1, 1)),
+                    (0.12, "probe_req", ("c", 1))]
+    for bad in (dict(target="bad id", nonce=1), dict(target="c", nonce=-1), dict(target="c", nonce=2**32)):
+        with pytest.raises(ValueError):
+            a.probe(bad["target"], bad["nonce"], 0.2)
+    with pytest.raises(ValueError):
+        a.probe_ack("c", 1, 0, len(PROBE_STATES), 0.2)
+    with pytest.raises(ValueError):
+        a.probe("c", 1, 0.2, copies=0)
+
+
+@pytest.mark.parametrize("kind,body", [
+    (PROBE_REQ, ["c"]), (PROBE_REQ, ["c", 1, 2]), (PROBE_REQ, ["bad id", 1]), (PROBE_REQ, ["c", -1]),
+    (PROBE_REQ, ["c", 2**32]), (PROBE_REQ, [b"c", 1]), (PROBE_REQ, ["c", 1.5]), (PROBE_REQ, {"c": 1}),
+    (PROBE_ACK, ["c", 1, 0]), (PROBE_ACK, ["c", 1, 0, 1, 0]), (PROBE_ACK, ["c", 1, -5, 1]),
+    (PROBE_ACK, ["c", 1, 0, 4]), (PROBE_ACK, ["c", 1, 0, -1]), (PROBE_ACK, ["c", 1, 1.5, 1]),
+    (PROBE_ACK, ["", 1, 0, 1]), (PROBE_ACK, ["c", 1, 2**32, 1]), (PROBE_ACK, ["c", 1, 0, True]),
+])
+def test_probe_bad_shapes_are_dropped_as_undecodable(kind, body):
+    b = node("b")
+    assert b.receive(encode(kind, GROUP, "a", 1, 1, body, KEY), 0.0) == []
+    assert dropped(b) == {"undecodable": 1} and b.heard_from is None
+
+
+def test_probe_mac_replay_group_and_self_rules_apply():
+    a, b = node("a"), node("b")
+    a.probe("c", 1, 0.0)
+    a.probe_ack("c", 1, 0, 1, 0.0)
+    out = [d for k, d in a.outgoing(0.0) if k in (PROBE_REQ, PROBE_ACK)]
+    assert len(out) == 2
+    for d in out:
+        assert b.receive(d[:-1] + bytes((d[-1] ^ 1,)), 0.0) == []  # forged
+    assert dropped(b) == {"mac": 2}
+    for d in out:
+        assert len(b.receive(d, 0.0)) >= 1
+        assert b.receive(d, 0.0) == []  # replayed
+    assert dropped(b) == {"mac": 2, "replay": 2}
+    b.receive(encode(PROBE_REQ, "other", "a", 1, 99, ["c", 1], KEY), 0.0)
+    b.receive(encode(PROBE_ACK, GROUP, "b", 1, 99, ["c", 1, 0, 1], KEY), 0.0)
+    assert dropped(b)["group"] == 1 and dropped(b)["self"] == 1
+
+
+def test_next_due_follows_heartbeats_claims_and_paced_pages():
+    a = node("a", heartbeat=0.02, refresh=1.0)
+    assert a.next_due() == float("-inf")  # nothing sent yet
+    a.set_local([entry(i, obj=dataclasses.replace(OBJ, path=f"/{i % 50}")) for i in range(200)])
+    a.outgoing(0.0)
+    n = a.pages
+    assert n > 2
+    due = a.next_due()
+    assert due == pytest.approx(min(0.018, 1.0 / n))  # the next page of the paced refresh, or the heartbeat
+    t = 0.0
+    for _ in range(200):  # outgoing() at next_due() sends something every time
+        t = max(a.next_due(), t)
+        assert a.outgoing(t), t
+    a.claim("dead", 1, [entry(1).key], t)
+    assert a.next_due() == float("-inf")
+    a.outgoing(t)
+    assert a.next_due() <= t + 0.02
+
+
 def test_heartbeats_are_due_every_interval_and_refresh_is_paced():
     a = node("a", heartbeat=0.02, refresh=1.0)
     a.set_local([entry(i, obj=dataclasses.replace(OBJ, path=f"/{i % 50}")) for i in range(2000)])
@@ -871,9 +1001,14 @@ def test_entry_from_connection_200_then_idle_then_206():
     f = Flow(ni=0xFFFFFFF0, na=4000000000)
     feed(m, [f.syn(), f.synack()])
     conn = m.get(C4, 40000, S4, 80)
-    assert entry_from_connection(conn) is None  # no response yet
+    assert entry_from_connection(conn) is None  # half-open: nothing to take over yet
+    feed(m, [f.c(b"", flags=fp.ACK)])
+    e = entry_from_connection(conn)  # no request yet: a taker adopts it
+    assert (e.state, e.object, e.body_start) == (IDLE, None, 0)
     feed(m, [f.c(get())])
-    assert entry_from_connection(conn) is None  # a request waiting for its response
+    e = entry_from_connection(conn)  # a request waiting for its response: answered in full
+    assert (e.state, e.object.path, e.object.host, e.body_start, e.req_range) == (
+        PENDING, "/a.mp4", "video.example.net", fp.seq_add(4000000000, 1), None)
     h = head(length=5000)
     body_start = fp.seq_add(f.s_next, len(h))
     feed(m, [f.s(h, 5000)])
@@ -885,9 +1020,11 @@ def test_entry_from_connection_200_then_idle_then_206():
         object=ObjectRef("video.example.net", "/a.mp4", '"abc-123"', "Thu, 26 Nov 2026 10:00:00 GMT", 5000),
         req_range=None, status=200, body_start=body_start, body_offset=0, body_length=5000)
     assert e.key == conn.key
-    # the client acks the whole body on its next request: that one now waits (not advertised)
+    # the client acks the whole body on its next request: that one now waits
+    body_end = fp.seq_add(body_start, 5000)
     feed(m, [f.c(get("/b.mp4", extra=b"Range: bytes=100-199\r\n"))])
-    assert entry_from_connection(conn) is None
+    e = entry_from_connection(conn)
+    assert (e.state, e.object.path, e.req_range, e.body_start) == (PENDING, "/b.mp4", "bytes=100-199", body_end)
     h = (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 100-199/8000\r\nContent-Length: 100\r\n"
          b"ETag: \"def\"\r\n\r\n")
     body_start = fp.seq_add(f.s_next, len(h))
@@ -914,20 +1051,40 @@ def test_entry_from_connection_200_then_idle_then_206():
     assert b.peer_entries("a") == a.local_entries()
 
 
-def test_entry_from_connection_not_advertisable():
+def test_entry_from_connection_not_advertisable_or_reset_only():
     m = StreamMapper(service_ports={80})
-    f = Flow(migrate=False)  # no Migrate-Permitted
+    f = Flow(migrate=False)  # no Migrate-Permitted: nobody could even reach the client
     feed(m, [f.syn(), f.synack(), f.c(get())])
     feed(m, [f.s(head(), 1000)])
     assert entry_from_connection(m.get(C4, 40000, S4, 80)) is None
-    g = Flow(cport=40002)  # chunked: not resumable
+    g = Flow(cport=40002)  # chunked: not resumable, so reset at once when its server dies
     feed(m, [g.syn(), g.synack(), g.c(get())])
     feed(m, [g.s(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0)])
-    assert entry_from_connection(m.get(C4, 40002, S4, 80)) is None
+    e = entry_from_connection(m.get(C4, 40002, S4, 80))
+    assert (e.state, e.reason, e.object.path) == (RESET, "chunked transfer-encoding", "/a.mp4")
     h = Flow(cport=40003)  # a 404
     feed(m, [h.syn(), h.synack(), h.c(get())])
     feed(m, [h.s(head(status=b"404 Not Found"), 1000)])
-    assert entry_from_connection(m.get(C4, 40003, S4, 80)) is None
+    e = entry_from_connection(m.get(C4, 40003, S4, 80))
+    assert (e.state, e.reason) == (RESET, "status 404")
+    p = Flow(cport=40005)  # a POST waiting for its response
+    feed(m, [p.syn(), p.synack(), p.c(b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")])
+    e = entry_from_connection(m.get(C4, 40005, S4, 80))
+    assert (e.state, e.reason) == (RESET, "POST request")
+    q = Flow(cport=40006)  # two pipelined GETs
+    feed(m, [q.syn(), q.synack(), q.c(get() + get("/b.mp4"))])
+    assert entry_from_connection(m.get(C4, 40006, S4, 80)).reason == "pipelined requests"
+    # validators levels: a 200 with only an ETag is resumable under strict, not under last-modified
+    r = Flow(cport=40007)
+    feed(m, [r.syn(), r.synack(), r.c(get())])
+    feed(m, [r.s(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nETag: \"x\"\r\n\r\n", 1000)])
+    conn = m.get(C4, 40007, S4, 80)
+    assert entry_from_connection(conn).state == ACTIVE
+    assert entry_from_connection(conn, "last-modified").reason == "no Last-Modified (validators = last-modified)"
+    assert entry_from_connection(conn, "digest").state == RESET
+    d = hashlib.sha256(b"x").digest()
+    e = entry_from_connection(conn, "digest", digest_of=lambda req, resp: d)
+    assert e.state == ACTIVE and e.object.digest == d
     k = Flow(cport=40004)  # closed
     feed(m, [k.syn(), k.synack(), k.c(get())])
     feed(m, [k.s(head(), 1000), k.c(b"", flags=fp.RST | fp.ACK)])

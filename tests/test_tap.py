@@ -131,7 +131,7 @@ def test_offline_tap_reads_filters_and_feeds_the_mapper(tmp_path):
         assert "dropped" in st and "ifdropped" in st and "received" in st
     m = StreamMapper(service_ports={80})
     kinds = [e.kind for c in frames for e in m.handle_frame(c.data, c.ts, tap.link, c.wire_len)]
-    assert kinds[:2] == ["conn_open", "request"] and "response_start" in kinds
+    assert kinds[:3] == ["conn_open", "conn_established", "request"] and "response_start" in kinds
 
 
 def test_offline_tap_max_frames_and_snaplen_cut(tmp_path):
