@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEB_PACKAGES=(build-essential python3-dev python3-venv iproute2 ethtool curl nginx-light iperf3 iputils-ping
-              libpcap-dev tcpdump iptables tmux procps psmisc)
+DEB_PACKAGES=(build-essential python3-dev python3-venv iproute2 ethtool curl nginx-light lighttpd iperf3
+              iputils-ping libpcap-dev tcpdump iptables tmux procps psmisc)
 PY=${PYTHON:-python3}
 VENV=.venv
 
@@ -22,8 +22,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-    # nginx is started per replica by the lab, never as a system service.
-    systemctl disable --now nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || true
+    # nginx and lighttpd are started per replica by the lab, never as system services: stop and
+    # disable whatever the packages' scripts started (by the system pid files, so a lab's own
+    # servers, which keep theirs in the lab dir or none, are never hit).
+    for svc in nginx lighttpd; do
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+        service "$svc" stop >/dev/null 2>&1 || true
+        update-rc.d "$svc" disable >/dev/null 2>&1 || true
+    done
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

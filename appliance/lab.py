@@ -16,10 +16,29 @@ Topology (lab name NAME matches [a-z0-9]{1,10}; every node is the namespace ``mi
   them, the "direct" path for comparisons.
 * ``r`` routes (ip_forward=1, rp_filter=0): ``cl0`` = 10.70.0.1/24; ``<replica>0`` =
   10.70.i.1/24 for replica number i (1, 2, 3, ... in list order).
-* Replicas (default a, b, c): ``eth0`` = 10.70.i.2/24, default via 10.70.i.1; an HTTP server
-  on port 80 over the shared docroot (appliance.docroot): ``server="builtin"``
-  (appliance.httpserver) or ``server="nginx"`` (Debian's /usr/sbin/nginx, config in the lab
-  dir). Both give the same ETag/Last-Modified for an object on every replica.
+* Replicas (default a, b, c): ``eth0`` = 10.70.i.2/24, default via 10.70.i.1; ``sync0`` =
+  10.70.200.i/24 on the support group's LAN (node ``sx``, a bridge); an HTTP server on port 80
+  of ``eth0``'s address over the replica's docroot (``lab.docroot_of(replica)``):
+
+  - ``server="builtin"``: appliance.httpserver (its test knobs ``?chunked=1`` and
+    ``?delay_ms=N`` are documented there);
+  - ``server="nginx"``: Debian's /usr/sbin/nginx, ``LABDIR/nginx-<replica>.conf`` (keep-alive
+    75 s / 100000 requests, sendfile, no open_file_cache);
+  - ``server="lighttpd"``: Debian's /usr/sbin/lighttpd, ``lighttpd -D -f
+    LABDIR/lighttpd-<replica>.conf`` (keep-alive: ``server.max-keep-alive-requests = 1000``,
+    idle 75 s; lighttpd's default ETag, a hash of inode, mtime and size; stat cache off, so a
+    changed file is served as it is at once; access and error logs
+    ``LABDIR/lighttpd-<replica>.{access,error}.log``). Range requests -> 206 as usual.
+
+  builtin and nginx give an object the same ETag (``"<mtime hex>-<size hex>"``) and
+  Last-Modified on every replica, with either docroot; lighttpd only with ``docroot="shared"``
+  (its ETag includes the inode). Every server is started and waited for (listening on
+  port 80) at up and killed with the lab.
+* Docroots: ``docroot="shared"`` (default): every replica serves the shared cache dir
+  (appliance.docroot, ``lab.docroot``); ``docroot="copy"``: every replica serves its own copy
+  of the objects (real copies: distinct inodes, same bytes, mtime docroot.MTIME) in
+  ``/var/tmp/appliance-labs/NAME/<replica>/`` (on disk, not in /run), removed at down.
+  ``lab.objects`` always describes the shared originals; ``alter_object`` makes one copy differ.
 * IPv6 is disabled in every namespace (no ND/MLD noise through the appliance).
 
 Links. ``links`` maps "client" or a replica name to options:
@@ -42,38 +61,71 @@ the clients' ``eth0`` and the router's ``cl0``, the two ends of the appliance's 
 
 Appliances (unless ``appliances=False``): with client_path "appliance", ``python -m appliance
 client --client-if cl0 --net-if up0 --node ca --state-dir LABDIR`` in ca; on every replica X
-``python -m appliance server --iface eth0 --port 80 --node X --state-dir LABDIR``. A module
+``python -m appliance server --config LABDIR/X.toml --node X --state-dir LABDIR``. A module
 that does not exist yet (importlib.util.find_spec) is skipped with a warning. Each must write
 ``"ready": true`` (appliance.statusfile) within 15 s.
 
-State: ``/run/appliance/labs/NAME/`` (the lab dir: ``<label>.log`` per process, nginx configs,
-status/event files, ``topology.json`` with every node's addresses) and
-``/run/appliance/labs/NAME.json`` (options, namespaces, processes with pid and start time).
+The group config (``LABDIR/<replica>.toml``, for ``appliance server --config``) has sections
+[node] (id, group ``lab-NAME``, key), [sync] (sync0, zeroconf and/or static peers) and
+[service] (ports [80], iface eth0, ``docroot`` = the replica's docroot). ``group_config`` (a
+dict of sections) is merged over it: keys of a generated section are added or replaced, a new
+section (e.g. ``{"takeover": {"validators": "digest"}}``) is appended.
+
+State: ``/run/appliance/labs/NAME/`` (the lab dir: ``<label>.log`` per process, nginx and
+lighttpd configs and logs, status/event files, ``topology.json`` with every node's addresses
+and the replicas' docroots) and ``/run/appliance/labs/NAME.json`` (options, including the
+docroot mode, namespaces, partitioned replicas, processes with pid and start time).
 ``down`` works even after the process that ran ``up`` crashed: it kills the recorded pids and
 every process inside ``mig-NAME-*``, deletes those namespaces (found by glob, state file or
-not), and removes the lab dir and state file.
+not), and removes the lab dir, the docroot copies (``/var/tmp/appliance-labs/NAME/``) and the
+state file.
 
 Python API::
 
     from appliance.lab import Lab
-    with Lab("t1", clients=1, replicas=("a", "b", "c"), server="builtin",   # "nginx"
-             client_path="bridge", offloads="on", appliances=False,
+    with Lab("t1", clients=1, replicas=("a", "b", "c"), server="builtin",   # "nginx", "lighttpd"
+             client_path="bridge", offloads="on", appliances=False, docroot="shared",  # or "copy"
              links={"a": {"rate": "4mbit"}, "b": {"delay_ms": 50}, "client": {"loss": 0.01}},
-             object_sizes=("1k", "1m", "10m")) as lab:       # __enter__ runs up(), __exit__ down()
+             object_sizes=("1k", "1m", "10m"), group_config={"takeover": {"validators": "digest"}}
+             ) as lab:                  # __enter__ runs up(), __exit__ down()
         lab.ns("c1")            # "mig-t1-c1"
         lab.ip("b")             # "10.70.2.2"   (clients 10.70.0.1k, router 10.70.0.1)
         lab.url("a", "/obj-1m") # "http://10.70.1.2/obj-1m"
-        lab.objects             # {"/obj-1m": (1048576, sha256hex), ...}
-        lab.docroot, lab.lab_dir
+        lab.objects             # {"/obj-1m": (1048576, sha256hex), ...}: the shared originals
+        lab.docroot, lab.lab_dir  # the shared cache dir; the lab dir
+        lab.docroot_of("a")     # what a serves: lab.docroot, or /var/tmp/appliance-labs/t1/a (copy)
+        lab.alter_object("a", "/obj-1m", "bytes", offset=None)  # docroot="copy" only; new sha256
         r = lab.run("c1", ["curl", "-s", lab.url("a", "/obj-1k")], timeout=10)  # CompletedProcess
         p = lab.popen("c1", ["iperf3", "-c", lab.ip("a")], stdout=subprocess.PIPE)
         lab.set_client_path("appliance")   # stops/starts the client appliance, removes/adds br0
-        lab.stop_server_appliance("a"); lab.start_server_appliance("a", extra_args=[...])
+        lab.stop_server_appliance("a", kill=False); lab.start_server_appliance("a", extra_args=[...])
         lab.start_server_appliance("b", wait=False); lab.wait_server_appliance("b")
-        lab.start_client_appliance(); lab.stop_client_appliance()
+        lab.start_client_appliance(); lab.stop_client_appliance(kill=False)   # kill=True: SIGKILL (a crash)
         lab.status()            # dict: namespaces, addresses, processes, appliance status files
+        t = lab.kill_replica("a")        # crash: links down, then SIGKILL all in mig-t1-a
+        lab.revive_replica("a")          # links up, fresh TCP state, HTTP server (+ appliance)
+        lab.partition("b"); lab.heal("b")  # links down / up, processes left running
     Lab.down_by_name("t1")      # tear down whatever is left, even without a state file
     Lab.attach("t1")            # a Lab object for a lab another process brought up
+
+``alter_object(replica, path, how, offset=None)`` changes the replica's copy in place (same
+inode), while the servers run: ``how="bytes"``: same size and mtime, bytes from ``offset``
+(default size // 2) to the end XORed with 0x5A (so a client splicing two replicas' bytes gets
+a file matching neither copy, its first differing byte at ``offset``; computed from the
+shared original, so repeating it changes nothing); ``"mtime"``: same bytes, mtime = the
+original's + one day (Last-Modified and mtime-based ETags differ); ``"bytes+mtime"``: both.
+Returns the copy's new sha256 hex; LabError with docroot="shared".
+
+Crashes and partitions: ``kill_replica`` takes the replica's eth0 and sync0 down FIRST and
+then SIGKILLs every process in its namespace, so no FIN or RST leaves it (a connection whose
+server dies before its response head is not closed cleanly); it returns the time.time() taken
+right before the links go down. ``revive_replica`` destroys the TCP sockets the killed
+processes left (``ss -K``, links still down), brings the links up, restores the default route
+and starts the HTTP server (and the server appliance unless ``appliance=False``).
+``partition`` takes the links down with the processes left running; ``heal`` brings them up,
+restores the default route, flushes the ARP entries on both sides and waits (bounded) until
+both ends of both links are up. Both are idempotent; ``lab.partitioned`` is the set of
+partitioned replicas.
 
 ``run()`` captures text output unless told otherwise (pass ``stdout=``/``stderr=``/``text=``)
 and raises LabCommandError (a CalledProcessError whose message includes stderr) when
@@ -81,9 +133,10 @@ and raises LabCommandError (a CalledProcessError whose message includes stderr) 
 execs it), so terminate() reaches it; anything left running in a namespace dies at down().
 The appliances find the lab's addresses in ``LABDIR/topology.json``.
 
-CLI: ``appliance lab up [--name N] [--clients N] [--replicas a,b,c] [--server builtin|nginx]
-[--client-path appliance|bridge] [--offloads on|off] [--rate LINK=RATE]... [--delay LINK=MS]...
-[--loss LINK=P]... [--objects 1k,1m,...] [--no-appliances] [--replace]``;
+CLI: ``appliance lab up [--name N] [--clients N] [--replicas a,b,c]
+[--server builtin|nginx|lighttpd] [--docroot shared|copy] [--client-path appliance|bridge]
+[--offloads on|off] [--rate LINK=RATE]... [--delay LINK=MS]... [--loss LINK=P]...
+[--objects 1k,1m,...] [--no-appliances] [--replace]``;
 ``appliance lab down [--name N]``; ``appliance lab status [--name N] [--json]``;
 ``appliance lab exec NODE [--name N] -- CMD...`` (exit status of CMD).
 """
@@ -115,6 +168,14 @@ REPLICA_RE = re.compile(r"[a-z][a-z0-9]{0,7}")
 RESERVED_NODES = {"ca", "r", "sw", "sx", "lclient", "client"}
 MAX_CLIENTS = 200
 NGINX = "/usr/sbin/nginx"
+LIGHTTPD = "/usr/sbin/lighttpd"
+SERVERS = ("builtin", "nginx", "lighttpd")
+DOCROOT_MODES = ("shared", "copy")
+# docroot="copy": each replica's own copy of the objects, on disk (not /run, often a tmpfs)
+COPIES_ROOT = Path(os.environ.get("APPLIANCE_LAB_COPIES") or "/var/tmp/appliance-labs")
+ALTER_HOWS = ("bytes", "mtime", "bytes+mtime")
+ALTER_XOR = 0x5A
+_XOR_TABLE = bytes(b ^ ALTER_XOR for b in range(256))
 READY_TIMEOUT = 15.0
 CMD_TIMEOUT = 30.0
 TBF_LATENCY = "400ms"
@@ -141,6 +202,45 @@ class LabCommandError(subprocess.CalledProcessError):
 
 
 SYNC_PORT = 7700
+
+
+def code_digest() -> str:
+    """A short digest of the appliance's code (appliance and _fastpath): the replicas'
+    appliances restart at every revive, so a working tree edited during a benchmark mixes
+    versions; a benchmark reports how many it saw."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for sub in ("appliance", "_fastpath"):
+        for path in sorted((root / sub).iterdir()):
+            if path.suffix in (".py", ".so", ".pyx", ".c", ".pxd"):
+                h.update(path.name.encode())
+                try:
+                    h.update(path.read_bytes())
+                except OSError:
+                    pass
+    return h.hexdigest()[:12]
+
+
+def group_formed(lab, since: float = 0.0) -> bool:
+    """Every replica's server appliance reports (a snapshot newer than `since`) every other
+    replica alive, at the epoch that replica reports for itself (a replica revived is known anew)."""
+    sts = {r: statusfile.read_status(lab.lab_dir, "server", r) or {} for r in lab.replicas}
+    for r, st in sts.items():
+        if not st.get("ready") or (st.get("time") or 0) < since:
+            return False
+        peers = (st.get("group") or {}).get("peers") or {}
+        for p in lab.replicas:
+            if p == r:
+                continue
+            info = peers.get(p)
+            if not info or info.get("state") != "alive":
+                return False
+            own = (sts[p].get("group") or {}).get("epoch")
+            if own is not None and info.get("epoch") is not None and info.get("epoch") != own:
+                return False
+    return True
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05):
@@ -283,12 +383,13 @@ def _lab_namespaces(name: str) -> list:
     return sorted(e for e in entries if e.startswith(prefix) and "-" not in e[len(prefix):])
 
 
-def _kill_pids(pids, grace: float = 3.0, popens=()) -> list:
-    """SIGTERM `pids` ({pid: start_time or None}), SIGKILL what is left after `grace` s; returns survivors."""
+def _kill_pids(pids, grace: float = 3.0, popens=(), first=signal.SIGTERM) -> list:
+    """Send `first` (SIGTERM) to `pids` ({pid: start_time or None}), SIGKILL what is left after
+    `grace` s; returns survivors."""
     live = {p: st for p, st in pids.items() if _pid_alive(p, st)}
     for pid in live:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, first)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
@@ -365,13 +466,22 @@ class Lab:
 
     def __init__(self, name: str = "lab", clients: int = 1, replicas=("a", "b", "c"), server: str = "builtin",
                  client_path: str = "appliance", offloads: str = "on", links=None, appliances: bool = True,
-                 object_sizes=None, sync: str = "zeroconf", group_key: str = None, group_config=None):
+                 object_sizes=None, sync: str = "zeroconf", group_key: str = None, group_config=None,
+                 docroot: str = "shared"):
         self.name = _check_name(name)
         if sync not in ("zeroconf", "static", "both"):
             raise LabError(f"sync: want 'zeroconf', 'static' or 'both', got {sync!r}")
         self.sync = sync
         self.group_key = group_key or secrets.token_hex(16)
-        self.group_config = dict(group_config or {})  # extra TOML sections/keys for every replica
+        if group_config is not None and not isinstance(group_config, dict):
+            raise LabError(f"group_config: want a dict of sections, e.g. {{'takeover': {{'validators': 'digest'}}}}, "
+                           f"got {group_config!r}")
+        for section, values in (group_config or {}).items():
+            if not isinstance(section, str) or not isinstance(values, dict):
+                raise LabError(f"group_config[{section!r}]: want a dict of keys for the [{section}] section, "
+                               f"got {values!r}")
+        # extra TOML sections/keys for every replica (merged over the generated ones)
+        self.group_config = {k: dict(v) for k, v in (group_config or {}).items()}
         if isinstance(clients, bool) or not isinstance(clients, int) or not 1 <= clients <= MAX_CLIENTS:
             raise LabError(f"clients: want an integer 1..{MAX_CLIENTS}, got {clients!r}")
         self.clients = clients
@@ -390,9 +500,12 @@ class Lab:
         if len(replicas) > 250:
             raise LabError("replicas: at most 250")
         self.replicas = replicas
-        if server not in ("builtin", "nginx"):
-            raise LabError(f"server: want 'builtin' or 'nginx', got {server!r}")
+        if server not in SERVERS:
+            raise LabError(f"server: want 'builtin', 'nginx' or 'lighttpd', got {server!r}")
         self.server = server
+        if docroot not in DOCROOT_MODES:
+            raise LabError(f"docroot: want 'shared' or 'copy', got {docroot!r}")
+        self.docroot_mode = docroot
         if client_path not in ("appliance", "bridge"):
             raise LabError(f"client_path: want 'appliance' or 'bridge', got {client_path!r}")
         self.client_path = client_path
@@ -418,7 +531,9 @@ class Lab:
         self.nodes = nodes
         self.lab_dir = LAB_ROOT / self.name
         self.state_file = LAB_ROOT / f"{self.name}.json"
-        self.docroot = str(docroot_mod.docroot_dir())
+        self.docroot = str(docroot_mod.docroot_dir())  # the shared cache (lab.objects describes it)
+        self.copies_dir = COPIES_ROOT / self.name  # docroot="copy": <copies_dir>/<replica>/
+        self.partitioned = set()  # replicas whose links partition() took down
         self.procs = {}  # label -> {"pid", "start_time", "node", "argv", "log"}
         self._popen = {}  # label -> Popen (only in the process that started it)
         self._objects = None
@@ -480,7 +595,7 @@ class Lab:
                 "client_path": self.client_path, "offloads": self.offloads,
                 "links": {k: {kk: vv for kk, vv in v.items() if kk != "rate_bps"} for k, v in self.links.items()},
                 "appliances": self.appliances, "object_sizes": list(self.object_sizes), "sync": self.sync,
-                "group_key": self.group_key, "group_config": self.group_config}
+                "group_key": self.group_key, "group_config": self.group_config, "docroot": self.docroot_mode}
 
     # -- naming and addressing ------------------------------------------------------------
 
@@ -509,6 +624,13 @@ class Lab:
         """The replica's address on the support group's LAN (node sx): mDNS and sync datagrams."""
         return f"10.70.200.{self.replica_index(replica)}"
 
+    def docroot_of(self, replica: str) -> str:
+        """The directory `replica`'s HTTP server serves: the shared cache, or its own copy."""
+        self.replica_index(replica)
+        if self.docroot_mode == "copy":
+            return str(self.copies_dir / replica)
+        return self.docroot
+
     def group_config_path(self, replica: str) -> Path:
         return self.lab_dir / f"{replica}.toml"
 
@@ -520,32 +642,159 @@ class Lab:
             "sync": {"port": SYNC_PORT, "zeroconf": self.sync in ("zeroconf", "both"),
                      "zeroconf_interfaces": [self.sync_ip(replica)],
                      "peers": peers if self.sync in ("static", "both") else []},
-            "service": {"ports": [80], "iface": "eth0"},
+            "service": {"ports": [80], "iface": "eth0", "docroot": self.docroot_of(replica)},
         }
-        for section, values in self.group_config.items():
+        for section, values in self.group_config.items():  # a new section is appended, a known one merged
             sections.setdefault(section, {}).update(values)
         path = self.group_config_path(replica)
         path.write_text(_toml(sections))
         return path
 
+    def _set_links(self, replica: str, state: str) -> None:
+        """eth0 and sync0 of `replica` up or down (one `ip -batch`)."""
+        self._ip_batch(replica, [f"link set eth0 {state}", f"link set sync0 {state}"])
+
+    def _link_ends(self, replica: str) -> list:
+        """(node, iface) of both ends of the replica's links: eth0 and its peer, sync0 and sx's port."""
+        peer = (self.link_node(replica), "s0") if self._needs_element(replica) else ("r", f"{replica}0")
+        return [(replica, "eth0"), peer, (replica, "sync0"), ("sx", f"s{replica}")]
+
     def kill_replica(self, replica: str) -> float:
-        """Crash a replica: SIGKILL every process in its namespace, then take its links down.
-        Returns the time.time() of the kill."""
+        """Crash a replica: take its links (eth0, sync0) down, then SIGKILL every process in its
+        namespace. A crash says no goodbye: with the links down first, no FIN or RST the dying
+        processes' sockets produce can leave the replica's kernel. Returns the time.time() of the
+        kill (taken right before the links go down)."""
         ns = self.ns(replica)
         t = time.time()
-        for pid in _pids_in_netns([ns]):  # SIGKILL at once: a crash says no goodbye
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._ip_batch(replica, ["link set eth0 down", "link set sync0 down"])
+        self._set_links(replica, "down")
+        for _ in range(5):  # again if something forked meanwhile (bounded)
+            pids = _pids_in_netns([ns])
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 2.0
+            for _ in range(200):
+                _reap(self._popen.values())
+                if not any(_pid_alive(p) for p in pids) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
         _reap(self._popen.values())
         for label, info in list(self.procs.items()):
             if info.get("node") == replica:
                 self.procs.pop(label, None)
                 self._popen.pop(label, None)
+        self.partitioned.discard(replica)
         self._save()
         return t
+
+    def partition(self, replica: str) -> None:
+        """Cut a replica off: its links (eth0, sync0) down, its processes left running. Idempotent."""
+        self.ns(replica)
+        self._set_links(replica, "down")
+        self.partitioned.add(replica)
+        self._save()
+
+    def heal(self, replica: str, timeout: float = 5.0) -> None:
+        """End a partition: links up, the default route back (link down dropped it), the ARP
+        entries on both sides of its links flushed (an address resolution that failed or is
+        still retrying during the partition would delay the first packets by up to 3 s), and
+        wait (at most `timeout` s) until both ends of both links are operationally up. Idempotent."""
+        self._links_up(replica, timeout)
+        self.partitioned.discard(replica)
+        self._save()
+
+    def _links_up(self, replica: str, timeout: float = 5.0) -> None:
+        i = self.replica_index(replica)
+        self._set_links(replica, "up")
+        self._ip_batch(replica, [f"route replace default via 10.70.{i}.1",
+                                 "neigh flush dev eth0", "neigh flush dev sync0"])
+        self._ip_batch("r", [f"neigh flush dev {replica}0"])
+        for other in self.replicas:
+            if other != replica:
+                self._ip_batch(other, [f"neigh flush to {self.sync_ip(replica)}"])
+        self._wait_ifaces_up(self._link_ends(replica), timeout)
+
+    def _wait_ifaces_up(self, ifaces, timeout: float = 5.0) -> None:
+        """Wait until every (node, iface) is operationally up (see _wait_links_up)."""
+        deadline = time.monotonic() + timeout
+        pending = list(ifaces)
+        for _ in range(int(timeout / 0.05) + 5):
+            still = []
+            for node, iface in pending:
+                res = subprocess.run(["ip", "-n", self.ns(node), "-j", "link", "show", "dev", iface],
+                                     capture_output=True, text=True, timeout=CMD_TIMEOUT)
+                try:
+                    links = json.loads(res.stdout or "[]")
+                except json.JSONDecodeError:
+                    links = []
+                if not links or links[0].get("operstate") not in ("UP", "UNKNOWN"):
+                    still.append((node, iface))
+            pending = still
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if pending:
+            raise LabError(f"interfaces not up after {timeout:.0f} s: "
+                           + ", ".join(f"{node}:{iface}" for node, iface in pending))
+
+    def alter_object(self, replica: str, path: str, how: str, offset: int = None) -> str:
+        """Make `replica`'s copy of an object differ from the others (docroot="copy" only).
+
+        how="bytes": same size and mtime, the bytes from `offset` (default size // 2) to the end
+        are the shared original's XOR 0x5A (so the first differing byte is at `offset`);
+        how="mtime": same bytes, mtime = the original's + one day (Last-Modified and mtime-based
+        ETags differ); how="bytes+mtime": both; what `how` does not name is left as it is.
+        Deterministic from the shared original (calling it twice gives the same file). In place
+        (same inode), while the servers run: none of them caches file contents or stat data
+        (nginx's open_file_cache is off, the lighttpd config disables its stat cache). Returns
+        the file's new sha256 hex.
+        """
+        self.replica_index(replica)
+        if self.docroot_mode != "copy":
+            raise LabError(f"alter_object: needs docroot='copy' (lab {self.name} has docroot="
+                           f"{self.docroot_mode!r}: every replica serves the same shared files)")
+        if how not in ALTER_HOWS:
+            raise LabError(f"alter_object: how must be one of {', '.join(ALTER_HOWS)}, not {how!r}")
+        key = path if path.startswith("/") else "/" + path
+        if key not in self.objects:
+            raise LabError(f"alter_object: unknown object {path!r} (objects: {', '.join(self.objects)})")
+        size = self.objects[key][0]
+        original = Path(self.docroot) / key.lstrip("/")
+        target = Path(self.docroot_of(replica)) / key.lstrip("/")
+        if not target.is_file():
+            raise LabError(f"alter_object: {target} does not exist (is lab {self.name} up?)")
+        st = target.stat()
+        if "bytes" in how:
+            if offset is None:
+                offset = size // 2
+            if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < size:
+                raise LabError(f"alter_object: offset must be an integer in [0, {size}), got {offset!r}")
+            block = 1 << 20
+            with open(original, "rb") as src, open(target, "r+b") as dst:
+                pos = 0
+                for _ in range(size // block + 2):  # bounded: one MiB per round
+                    data = src.read(block)
+                    if not data:
+                        break
+                    if pos + len(data) > offset:  # this block holds bytes to alter
+                        cut = max(0, offset - pos)
+                        data = data[:cut] + data[cut:].translate(_XOR_TABLE)
+                    dst.seek(pos)
+                    if dst.read(len(data)) != data:  # only dirty what differs
+                        dst.seek(pos)
+                        dst.write(data)
+                    pos += len(data)
+                dst.truncate(size)
+                dst.flush()  # the page cache is what every server reads: no fsync needed
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # the write moved the mtime: put it back
+        if "mtime" in how:
+            mtime = int(original.stat().st_mtime) + 86400
+            os.utime(target, (mtime, mtime))
+        return file_sha256(target)
 
     def url(self, replica: str, path: str) -> str:
         if replica not in self.replicas:
@@ -569,7 +818,9 @@ class Lab:
                                  "index": i, "sync_ip": self.sync_ip(r), "sync_port": SYNC_PORT}
                              for i, r in enumerate(self.replicas, 1)},
                 "client_appliance": {"node": "ca", "client_if": "cl0", "net_if": "up0"},
-                "docroot": self.docroot, "server": self.server, "links": self.options()["links"]}
+                "docroot": self.docroot, "docroot_mode": self.docroot_mode,
+                "docroots": {r: self.docroot_of(r) for r in self.replicas},
+                "server": self.server, "links": self.options()["links"]}
 
     # -- running commands -----------------------------------------------------------------
 
@@ -624,7 +875,8 @@ class Lab:
             "name": self.name, "phase": phase, "created": getattr(self, "_created", time.time()),
             "creator_pid": os.getpid(), "options": self.options(), "nodes": list(self.nodes),
             "namespaces": [ns_name(self.name, n) for n in self.nodes], "lab_dir": str(self.lab_dir),
-            "docroot": self.docroot, "processes": self.procs})
+            "docroot": self.docroot, "copies_dir": str(self.copies_dir) if self.docroot_mode == "copy" else None,
+            "partitioned": sorted(self.partitioned), "processes": self.procs})
 
     @classmethod
     def attach(cls, name: str) -> "Lab":
@@ -641,8 +893,10 @@ class Lab:
         lab = cls(name=name, clients=o["clients"], replicas=o["replicas"], server=o["server"],
                   client_path=o["client_path"], offloads=o["offloads"], links=o["links"],
                   appliances=o["appliances"], object_sizes=o.get("object_sizes"), sync=o.get("sync", "zeroconf"),
-                  group_key=o.get("group_key"), group_config=o.get("group_config"))
+                  group_key=o.get("group_key"), group_config=o.get("group_config"),
+                  docroot=o.get("docroot", "shared"))
         lab.procs = state.get("processes", {})
+        lab.partitioned = set(state.get("partitioned", ()))
         lab._created = state.get("created", time.time())
         lab._is_up = state.get("phase") == "up"
         return lab
@@ -664,6 +918,9 @@ class Lab:
                 raise LabError(f"missing the {tool!r} binary (Debian: apt-get install iproute2 ethtool procps)")
         if server == "nginx" and not os.access(NGINX, os.X_OK):
             raise LabError(f"server: nginx requested but {NGINX} is missing (Debian: apt-get install nginx-light)")
+        if server == "lighttpd" and not os.access(LIGHTTPD, os.X_OK):
+            raise LabError(f"server: lighttpd requested but {LIGHTTPD} is missing (Debian: apt-get install lighttpd; "
+                           "./setup.sh installs it)")
 
     def up(self, replace: bool = False) -> "Lab":
         self.preflight(self.server)
@@ -677,6 +934,8 @@ class Lab:
             self.lab_dir.mkdir(parents=True)
             self._save(phase="creating")
             self._objects = docroot_mod.ensure(self.object_sizes)
+            if self.docroot_mode == "copy":
+                self._make_copies()
             self._build_topology()
             (self.lab_dir / "topology.json").write_text(json.dumps(self.topology(), indent=1, sort_keys=True))
             self._start_link_elements()
@@ -844,12 +1103,13 @@ class Lab:
             return p.poll() is None
         return _pid_alive(info["pid"], info.get("start_time"))
 
-    def _stop(self, label: str, grace: float = 5.0) -> None:
+    def _stop(self, label: str, grace: float = 5.0, kill: bool = False) -> None:
         info = self.procs.get(label)
         if not info:
             return
         p = self._popen.get(label)
-        survivors = _kill_pids({info["pid"]: info.get("start_time")}, grace, popens=[p] if p else [])
+        survivors = _kill_pids({info["pid"]: info.get("start_time")}, grace, popens=[p] if p else [],
+                               first=signal.SIGKILL if kill else signal.SIGTERM)
         if p is not None:
             try:
                 p.wait(timeout=1)
@@ -897,6 +1157,16 @@ class Lab:
         for ln in started:
             self._wait(f"linkem-{ln}", self._status_ready("linkem", ln), "link element")
 
+    def _make_copies(self) -> None:
+        """docroot="copy": every replica's own copy of the objects under copies_dir/<replica>/."""
+        shutil.rmtree(self.copies_dir, ignore_errors=True)  # a stale one from a crashed lab
+        self.copies_dir.mkdir(parents=True)
+        for rep in self.replicas:
+            try:
+                docroot_mod.copy_to(self.docroot_of(rep), self.object_sizes)
+            except OSError as exc:
+                raise LabError(f"docroot: cannot copy the objects to {self.docroot_of(rep)}: {exc}") from None
+
     def _nginx_conf(self, rep: str) -> Path:
         d = self.lab_dir
         tmp = d / f"nginx-{rep}"
@@ -927,20 +1197,49 @@ http {{
     scgi_temp_path {tmp}/scgi;
     server {{
         listen {self.ip(rep)}:80;
-        root {self.docroot};
+        root {self.docroot_of(rep)};
         location / {{ }}
     }}
 }}
 """)
         return conf
 
+    def _lighttpd_conf(self, rep: str) -> Path:
+        d = self.lab_dir
+        conf = d / f"lighttpd-{rep}.conf"
+        q = json.dumps  # lighttpd's strings are double-quoted with backslash escapes, like JSON's
+        conf.write_text(f"""# generated by appliance.lab for replica {rep} of lab {self.name}
+server.document-root = {q(self.docroot_of(rep))}
+server.bind = {q(self.ip(rep))}
+server.port = 80
+server.modules = ("mod_accesslog")
+server.errorlog = {q(str(d / f"lighttpd-{rep}.error.log"))}
+accesslog.filename = {q(str(d / f"lighttpd-{rep}.access.log"))}
+server.upload-dirs = ({q(str(d))})
+server.tag = "lighttpd"
+mimetype.assign = ("" => "application/octet-stream")  # a type for every file: else no ETag/Last-Modified
+server.max-keep-alive-requests = 1000
+server.max-keep-alive-idle = 75
+# lighttpd's default ETag: a hash of inode, mtime and size (so copies on other replicas differ)
+static-file.etags = "enable"
+etag.use-inode = "enable"
+etag.use-mtime = "enable"
+etag.use-size = "enable"
+# no stat cache: a file changed under a running server (Lab.alter_object) is served as it is now
+server.stat-cache-engine = "disable"
+""")
+        return conf
+
     def revive_replica(self, replica: str, appliance: bool = True) -> None:
         """Bring a killed replica back: links up, its HTTP server and (by default) its server
-        appliance started again (a new epoch: its peers see a restart)."""
-        i = self.replica_index(replica)
-        self._ip_batch(replica, ["link set eth0 up", "link set sync0 up"])
-        self._ip_batch(replica, [f"route replace default via 10.70.{i}.1"])  # link down dropped it
-        self._wait_links_up([replica])
+        appliance started again (a new epoch: its peers see a restart). Like a rebooted machine
+        it keeps no TCP state: sockets its killed processes left behind (a FIN still waiting to
+        be sent) are destroyed while the links are still down."""
+        self.replica_index(replica)
+        subprocess.run(["ss", "-N", self.ns(replica), "-K", "-t", "state", "all"], capture_output=True,
+                       timeout=CMD_TIMEOUT)  # best effort (needs CONFIG_INET_DIAG_DESTROY)
+        self._links_up(replica)
+        self.partitioned.discard(replica)
         self._start_http_servers([replica])
         if appliance and self.appliances:
             self.start_server_appliance(replica)
@@ -949,14 +1248,17 @@ http {{
     def _start_http_servers(self, replicas=None) -> None:
         labels = []
         for rep in (replicas or self.replicas):
-            if self.server == "nginx":
+            if self.server == "lighttpd":
+                argv = [LIGHTTPD, "-D", "-f", self._lighttpd_conf(rep)]
+                label = f"lighttpd-{rep}"
+            elif self.server == "nginx":
                 conf = self._nginx_conf(rep)
                 argv = [NGINX, "-c", conf, "-p", self.lab_dir / f"nginx-{rep}", "-e",
                         self.lab_dir / f"nginx-{rep}.error.log"]
                 label = f"nginx-{rep}"
             else:
-                argv = [sys.executable, "-m", "appliance.httpserver", "--root", self.docroot, "--bind", self.ip(rep),
-                        "--port", "80", "--access-log", self.lab_dir / f"http-{rep}.access.log"]
+                argv = [sys.executable, "-m", "appliance.httpserver", "--root", self.docroot_of(rep),
+                        "--bind", self.ip(rep), "--port", "80", "--access-log", self.lab_dir / f"http-{rep}.access.log"]
                 label = f"http-{rep}"
             self._spawn(label, rep, argv)
             labels.append(label)
@@ -979,8 +1281,9 @@ http {{
         self._wait("client-ca", self._status_ready("client", "ca"), "client appliance")
         return p
 
-    def stop_client_appliance(self) -> None:
-        self._stop("client-ca")
+    def stop_client_appliance(self, kill: bool = False) -> None:
+        """Stop the client appliance: SIGTERM (a clean stop), or with kill=True SIGKILL (a crash)."""
+        self._stop("client-ca", kill=kill)
 
     def start_server_appliance(self, replica: str, extra_args=(), wait: bool = True):
         """Start the server appliance on `replica`; None if appliance.server does not exist yet."""
@@ -1001,9 +1304,10 @@ http {{
     def wait_server_appliance(self, replica: str, timeout: float = READY_TIMEOUT) -> None:
         self._wait(f"server-{replica}", self._status_ready("server", replica), "server appliance", timeout)
 
-    def stop_server_appliance(self, replica: str) -> None:
+    def stop_server_appliance(self, replica: str, kill: bool = False) -> None:
+        """Stop a replica's server appliance (its HTTP server lives on): SIGTERM, or SIGKILL."""
         self.replica_index(replica)
-        self._stop(f"server-{replica}")
+        self._stop(f"server-{replica}", kill=kill)
 
     def set_client_path(self, mode: str) -> None:
         if mode not in ("appliance", "bridge"):
@@ -1056,7 +1360,8 @@ http {{
                 appl[f"{role}-{node}"] = st
         return {"name": self.name, "up": self._is_up and bool(nss), "options": self.options(),
                 "lab_dir": str(self.lab_dir), "state_file": str(self.state_file), "docroot": self.docroot,
-                "nodes": nodes, "processes": procs, "appliances": appl}
+                "docroot_mode": self.docroot_mode, "docroots": {r: self.docroot_of(r) for r in self.replicas},
+                "partitioned": sorted(self.partitioned), "nodes": nodes, "processes": procs, "appliances": appl}
 
     # -- tear down ------------------------------------------------------------------------
 
@@ -1105,6 +1410,7 @@ http {{
             if res.returncode != 0 and (NETNS_DIR / ns).exists():
                 errors.append(f"{ns}: {res.stderr.strip()}")
         shutil.rmtree(LAB_ROOT / name, ignore_errors=True)
+        shutil.rmtree(COPIES_ROOT / name, ignore_errors=True)  # docroot="copy"
         for path in (state_file,):
             try:
                 path.unlink()
@@ -1153,7 +1459,9 @@ def register(subparsers) -> None:
     up.add_argument("--name", default="lab", help="lab name, [a-z0-9]{1,10} (default %(default)s)")
     up.add_argument("--clients", default="1", help="number of clients (default 1)")
     up.add_argument("--replicas", default="a,b,c", help="comma-separated replica names (default %(default)s)")
-    up.add_argument("--server", default="builtin", help="builtin|nginx (default %(default)s)")
+    up.add_argument("--server", default="builtin", help="builtin|nginx|lighttpd (default %(default)s)")
+    up.add_argument("--docroot", default="shared",
+                    help="shared|copy: one shared docroot, or each replica its own copy (default %(default)s)")
     up.add_argument("--client-path", default="appliance", help="appliance|bridge (default %(default)s)")
     up.add_argument("--offloads", default="on", help="on|off (default %(default)s)")
     up.add_argument("--rate", action="append", metavar="LINK=RATE", help="tbf rate on a link, e.g. a=128kbit")
@@ -1212,7 +1520,8 @@ def _cli_up(args) -> int:
     try:
         lab = Lab(name=args.name, clients=clients, replicas=args.replicas, server=args.server,
                   client_path=args.client_path, offloads=args.offloads, links=links,
-                  appliances=not args.no_appliances, object_sizes=[s for s in args.objects.split(",") if s])
+                  appliances=not args.no_appliances, object_sizes=[s for s in args.objects.split(",") if s],
+                  docroot=args.docroot)
     except LabError as exc:
         msg = str(exc)
         m = re.match(r"links\['([^']*)'\]\['(\w+)'\]: (.*)", msg, re.S)
@@ -1221,7 +1530,7 @@ def _cli_up(args) -> int:
             msg = f"{opt} {m.group(1)}=...: {m.group(3)}"
         elif msg.startswith("links: "):
             msg = "--rate/--delay/--loss: " + msg[len("links: "):]
-        for opt in ("clients", "replicas", "server", "client_path", "offloads", "object_sizes", "name"):
+        for opt in ("clients", "replicas", "server", "client_path", "offloads", "object_sizes", "name", "docroot"):
             if msg.startswith(opt + ":"):
                 msg = "--" + {"client_path": "client-path", "object_sizes": "objects"}.get(opt, opt) + msg[len(opt):]
         raise LabError(msg) from None
@@ -1230,7 +1539,7 @@ def _cli_up(args) -> int:
     print(f"lab {lab.name}: up in {time.monotonic() - t0:.1f} s; nodes {', '.join(lab.nodes)}; "
           f"state {lab.state_file}")
     for rep in lab.replicas:
-        print(f"  {rep}: {lab.url(rep, '/')}")
+        print(f"  {rep}: {lab.url(rep, '/')}  docroot {lab.docroot_of(rep)}")
     return 0
 
 
@@ -1243,7 +1552,11 @@ def _cli_status(args) -> int:
     o = st["options"]
     print(f"lab {lab.name}: {'up' if st['up'] else 'NOT UP'}; server {o['server']}, client path {o['client_path']}, "
           f"offloads {o['offloads']}, links {o['links'] or '-'}")
-    print(f"  lab dir {st['lab_dir']}, docroot {st['docroot']}")
+    print(f"  lab dir {st['lab_dir']}, docroot {o.get('docroot', 'shared')}: "
+          + (st["docroot"] if o.get("docroot", "shared") == "shared"
+             else ", ".join(f"{r} {d}" for r, d in st["docroots"].items())))
+    if st.get("partitioned"):
+        print(f"  partitioned: {', '.join(st['partitioned'])}")
     for node, e in st["nodes"].items():
         ifs = ", ".join(f"{i}{'@' + v['master'] if v.get('master') else ''} {v['state']} "
                         f"{' '.join(v['addresses']) or '-'}" for i, v in sorted(e["interfaces"].items()))

@@ -14,6 +14,17 @@ detected, claims, takeovers, Migrate SYNs accepted or rejected, resumed at which
 long it took). Panels and columns are dropped to fit a small terminal; an appliance that
 does not answer is shown as unreachable and asked again every interval.
 
+Outcomes: every connection a migration ended is either resumed (a replica continues it at
+the exact next byte) or its client is reset (nobody could continue it: the client gets an
+error, not a resumption). A reset cannot be missed: the header counts the clients reset
+(the client appliance's outcome_reset counter, else the takeover engines', else the reset
+outcomes in the log) before anything else on the line; the connection's row says RESET (or
+RESETTING while the client appliance still answers its frames with RSTs) in red with the
+reason, the replica's when its takeover engine gave one, and sorts first; the panel's
+bottom border gives the newest reset's reason at full width; the fast path panel has an
+"outcomes" line (resumed, RESET, the probes and Migrate RSTs behind them) and the support
+group's border the takeover engines' outcome counters.
+
 Structure (anchors Part C): a Collector polls each control socket's "status" and follows its
 "events" stream in background threads, and publishes an immutable State every 0.1 s at most;
 render(state, width, height) is a pure function of that State, so rendering never waits on
@@ -32,8 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
+import re
 import select
 import signal
 import socket
@@ -532,7 +543,7 @@ def sparkline(values, width: int, unicode: bool = True) -> str:
     return "".join(chars[min(len(chars) - 1, int(v / top * (len(chars) - 1) + 0.5))] for v in vals)
 
 
-def progress_bar(fraction: Optional[float], width: int, unicode: bool = True) -> Text:
+def progress_bar(fraction: Optional[float], width: int, unicode: bool = True, color: str = "green") -> Text:
     width = max(1, width)
     if fraction is None:
         return Text(("░" if unicode else "-") * width, style="dim")
@@ -541,12 +552,12 @@ def progress_bar(fraction: Optional[float], width: int, unicode: bool = True) ->
     eighths = "▏▎▍▌▋▊▉"
     cells = fraction * width
     n = int(cells)
-    out = Text(full * n, style="green" if fraction < 1 else "bold green")
+    out = Text(full * n, style=color if fraction < 1 else f"bold {color}")
     if n < width:
         part = cells - n
         k = int(part * 8)
         if unicode and k > 0:
-            out.append(eighths[k - 1], style="green")
+            out.append(eighths[k - 1], style=color)
             n += 1
         out.append(empty * (width - n), style="grey37")
     return out
@@ -644,7 +655,10 @@ def group_view(state: State) -> list:
 
 
 def group_totals(state: State) -> dict:
-    tot = {"deaths": 0, "takeovers": 0, "races": 0, "false_suspicions": 0, "restarts": 0}
+    """The group's counters summed over the reachable server appliances; with their takeover
+    engines' outcomes ("outcomes": False when no engine reports any)."""
+    tot = {"deaths": 0, "takeovers": 0, "races": 0, "false_suspicions": 0, "restarts": 0, "outcomes": False,
+           "resumed": 0, "reset": 0, "passed": 0, "failed": 0}
     for s in _servers(state):
         g = (s.live or {}).get("group") or {}
         c = g.get("group") or {}
@@ -653,7 +667,37 @@ def group_totals(state: State) -> dict:
         tot["races"] += int(_num(c.get("races")))
         tot["false_suspicions"] += int(_num(c.get("false_suspicions")))
         tot["restarts"] += int(_num(c.get("restarts")))
+        tk = ((s.live or {}).get("takeover") or {}).get("counters")
+        if isinstance(tk, dict) and "outcome_reset" in tk:
+            tot["outcomes"] = True
+            for k in ("resumed", "reset", "passed", "failed"):
+                tot[k] += int(_num(tk.get(f"outcome_{k}")))
     return tot
+
+
+def outcome_totals(state: State) -> dict:
+    """How many connections were resumed and how many clients were reset: the client
+    appliance's counters when it reports them (it sees every outcome, a MIGRATE-WAIT that
+    ended too), else the takeover engines' counters, else the outcomes in the event log.
+    "source": "client", "servers", "events" or None (nothing reports outcomes)."""
+    client = _client(state)
+    sh = ((client.live or {}).get("shim") if client is not None else None) or {}
+    if isinstance(sh, dict) and "outcome_reset" in sh:
+        return {"resumed": int(_num(sh.get("outcome_resumed"))), "reset": int(_num(sh.get("outcome_reset"))),
+                "source": "client"}
+    tot = group_totals(state)
+    if tot["outcomes"]:
+        return {"resumed": tot["resumed"], "reset": tot["reset"], "source": "servers"}
+    resumed, reset = set(), set()
+    for _src, ev in state.events:
+        k = ev.get("event")
+        if k == "client_reset" and ev.get("client") is not None:
+            reset.add(_ep(ev["client"]))
+        elif takeover_step(ev) == "outcome" and ev.get("outcome") in ("resumed", "reset"):
+            (resumed if ev["outcome"] == "resumed" else reset).add(f"{ev.get('client')}:{ev.get('client_port')}")
+    if not resumed and not reset:
+        return {"resumed": 0, "reset": 0, "source": None}
+    return {"resumed": len(resumed - reset), "reset": len(reset), "source": "events"}
 
 
 def _node_states(state: State) -> dict:
@@ -665,21 +709,41 @@ def _name(state: State, ep) -> str:
     return state.names.get(ip, ip or "?") if ip else "?"
 
 
+_ADDRESS = re.compile(r"(?<![\w.:])\d{1,3}(?:\.\d{1,3}){3}(?![\w.])")
+
+
+def reason_text(state: State, reason) -> str:
+    """A reset's reason for a narrow cell: the replicas' addresses as their node names
+    ("10.70.2.2 cannot continue it" -> "b cannot continue it"), on one line."""
+    if reason is None:
+        return ""
+    text = " ".join(str(reason).split())
+    return _ADDRESS.sub(lambda m: state.names.get(m.group(0), m.group(0)), text)
+
+
 def connection_view(state: State) -> tuple:
     """(rows, source description). Rows from the client appliance when it answers, else from
     the replicas' stream maps."""
     client = _client(state)
     states = _node_states(state)
     # the newest takeover claim per connection, and the newest migration
-    claims, migrated = {}, {}
+    # and the resets: the client appliance's (client_reset) and the replicas' (a takeover
+    # whose outcome is a reset: its reason says why nobody could continue the connection)
+    claims, migrated, client_resets, server_resets = {}, {}, {}, {}
     for src, ev in state.events:
         kind = ev.get("event")
+        step = takeover_step(ev)
         if kind == "takeover" and isinstance(ev.get("key"), dict):
             claims[_ep(ev["key"])] = (src, ev)
-        elif takeover_step(ev) is not None:
-            claims[f"{ev.get('client')}:{ev.get('client_port')}"] = (src, ev)
+        elif step is not None:
+            key = f"{ev.get('client')}:{ev.get('client_port')}"
+            claims[key] = (src, ev)
+            if step == "outcome" and ev.get("outcome") == "reset" or step == "refused" and not ev.get("planned"):
+                server_resets[key] = (src, ev)
         elif kind in ("migrated", "migrate_accepted") and ev.get("client") is not None:
             migrated[_ep(ev["client"])] = ev
+        elif kind == "client_reset" and ev.get("client") is not None:
+            client_resets[_ep(ev["client"])] = ev
     rows = []
     if client is not None and client.live is not None:
         for c in client.live.get("connections") or []:
@@ -720,15 +784,28 @@ def connection_view(state: State) -> tuple:
                    "state": c.get("state"), "closed_by": c.get("closed_by"), "rate": rate,
                    "servers": [_name(state, s) for s in c.get("servers") or []],
                    "migrating_to": _name(state, c["migrating_to"]) if c.get("migrating_to") else None,
-                   "rst_held": c.get("rst_held"), "claim": None, "claim_phase": None, "opened": c.get("opened")}
+                   "rst_held": c.get("rst_held"), "claim": None, "claim_phase": None, "opened": c.get("opened"),
+                   "outcome": c.get("outcome"), "outcome_reason": c.get("outcome_reason"), "reset_by": None,
+                   "reset_reason": None}
+            creset = client_resets.get(key)
+            if "outcome" not in c and creset is not None:  # a client appliance without outcomes in its status
+                row["outcome"], row["outcome_reason"] = "reset", creset.get("reason")
+            if row["state"] == "resetting":
+                row["outcome"] = "reset"
+            if row["outcome"] == "reset":
+                sreset = server_resets.get(key)
+                # the replica's reason, if it is this reset's (not an older connection's from this port)
+                if sreset is not None and (creset is None
+                                           or abs(_num(sreset[1].get("t")) - _num(creset.get("t"))) < 30):
+                    row["reset_by"] = _short(sreset[0])
+                    row["reset_reason"] = sreset[1].get("reason")
             claim = claims.get(key)
             if claim is not None:
                 src, ev = claim
                 mig = migrated.get(key)
                 if mig is None or _num(mig.get("t")) < _num(ev.get("t")):
                     row["claim"] = src.split("-", 1)[-1]
-                    step = takeover_step(ev)
-                    row["claim_phase"] = TAKEOVER_PHASES[step] if step else None
+                    row["claim_phase"] = _phase_label(ev)
             rows.append(row)
         source = "client"
     else:
@@ -741,20 +818,40 @@ def connection_view(state: State) -> tuple:
                              "owner": s.node, "owner_state": states.get(s.node), "migrations": None,
                              "state": c.get("state"), "closed_by": c.get("closed_by"), "rate": None, "servers": [],
                              "migrating_to": None, "rst_held": None, "claim": None, "claim_phase": None,
-                             "opened": c.get("opened_at")})
+                             "opened": c.get("opened_at"), "outcome": None, "outcome_reason": None,
+                             "reset_by": None, "reset_reason": None})
         source = "servers"
-    order = {"migrating": 0, "established": 1, "syn_sent": 2}
-    rows.sort(key=lambda r: (order.get(r["state"], 3), -_num(r.get("opened"))))
+    order = {"resetting": 0, "migrating": 1, "established": 2, "syn_sent": 3}
+    # a reset client first: it must never be among the rows left out
+    rows.sort(key=lambda r: (0 if r["outcome"] == "reset" else 1, order.get(r["state"], 4), -_num(r.get("opened"))))
     return rows, source
+
+
+NOBODY = "no member can serve it: "  # the takeover engine's reason when the last candidate cannot
+
+
+def reset_text(state: State, row: dict, short: bool = False) -> str:
+    """Why a reset connection was reset: the replica's reason when its takeover engine said
+    one ("by b: no member can serve it: ..."), else the client appliance's; `short` (a
+    table cell, next to "RESET") leaves out what RESET already says."""
+    if row.get("reset_by") and row.get("reset_reason"):
+        why = reason_text(state, row["reset_reason"])
+        if short and why.startswith(NOBODY) and len(why) > len(NOBODY):
+            why = why[len(NOBODY):]
+        return f"by {row['reset_by']}: {why}"
+    return reason_text(state, row.get("outcome_reason")) or "reason unknown"
 
 
 # --- the event log --------------------------------------------------------------------------------
 
 # the takeover engine's steps (appliance.takeover), as the server appliance logs them; the kind
-# may come bare or prefixed with "takeover_"
-TAKEOVER_PHASES = {"migrate_syn_sent": "Migrate SYN sent", "synack": "SYN/ACK", "repaired": "repaired",
-                   "resumed": "resumed", "first_byte": "sending", "body_sent": "body sent", "done": "done",
-                   "refused": "refused", "failed": "failed"}
+# may come bare or prefixed with "takeover_"; the phase a connection's owner cell shows
+TAKEOVER_PHASES = {"checked": "checked", "passed": "passed", "claimed": "claimed",
+                   "migrate_syn_sent": "Migrate SYN sent", "synack": "SYN/ACK", "repaired": "repaired",
+                   "resynced": "resynced", "reprobe": "probing again", "resumed": "resumed", "first_byte": "sending",
+                   "body_sent": "body sent", "done": "done", "refused": "client reset", "failed": "failed",
+                   "outcome": "over"}
+OUTCOME_STYLE = {"resumed": "bold green", "reset": "bold red", "passed": "yellow", "failed": "bold red"}
 
 
 def takeover_step(ev: dict) -> Optional[str]:
@@ -765,6 +862,35 @@ def takeover_step(ev: dict) -> Optional[str]:
         return k
     return None
 
+
+def _phase_label(ev: dict) -> Optional[str]:
+    """The phase a takeover step puts its connection in (the owner cell: "a✗ → c? (SYN/ACK)")."""
+    step = takeover_step(ev)
+    if step is None:
+        return None
+    if step == "outcome":
+        return {"reset": "client reset"}.get(ev.get("outcome"), ev.get("outcome") or "over")
+    if step == "checked":
+        return "checked" if ev.get("ok") else "check failed"
+    if step == "refused" and ev.get("planned"):
+        return "given back"
+    return TAKEOVER_PHASES[step]
+
+
+def event_style(ev: dict) -> str:
+    """The log line's style: by kind, and for some by what the event says (an outcome, a check)."""
+    step = takeover_step(ev)
+    if step == "outcome":
+        return OUTCOME_STYLE.get(ev.get("outcome"), "")
+    if step == "refused":
+        return "yellow" if ev.get("planned") else "bold red"
+    if step == "checked":
+        return "dim" if ev.get("ok") else "yellow"
+    if step is not None:
+        return TAKEOVER_STYLE[step]
+    return EVENT_STYLE.get(ev.get("event"), "")
+
+
 EVENT_STYLE = {
     "peer_dead": "bold red", "top_unreachable": "bold red", "migrate_rejected": "bold red", "race": "red",
     "migrate_lock_timeout": "red", "conn_reset": "red", "takeover_failed": "bold red",
@@ -774,10 +900,13 @@ EVENT_STYLE = {
     "peer_discovered": "dim", "peer_learned": "dim", "zeroconf_registered": "dim", "conn_open": "dim",
     "conn_established": "dim", "response_start": "dim", "conn_close": "dim", "conn_forgotten": "dim",
     "started": "dim", "stopped": "dim", "request": "dim", "peer_draining": "yellow", "peer_drain_over": "green",
+    "client_reset": "bold red", "migrate_answered": "cyan", "migrate_abandoned": "yellow",
+    "migrate_rst_rejected": "yellow", "pass_heard": "magenta",
 }
-TAKEOVER_STYLE = {"migrate_syn_sent": "cyan", "synack": "cyan", "repaired": "cyan", "resumed": "bold green",
-                  "first_byte": "green", "body_sent": "green", "done": "green", "refused": "bold red",
-                  "failed": "bold red"}
+TAKEOVER_STYLE = {"checked": "dim", "passed": "yellow", "claimed": "magenta", "migrate_syn_sent": "cyan",
+                  "synack": "cyan", "repaired": "cyan", "resynced": "cyan", "reprobe": "yellow",
+                  "resumed": "bold green", "first_byte": "green", "body_sent": "green", "done": "green",
+                  "refused": "bold red", "failed": "bold red", "outcome": ""}
 _HIDDEN_FIELDS = {"t", "event", "ts"}
 
 
@@ -799,11 +928,36 @@ def _resume_text(state: State, client_key: str, ack) -> str:
     return f"resume at server seq {ack}"
 
 
-def _describe_takeover(step: str, ev: dict) -> str:
+def _describe_takeover(state: State, step: str, ev: dict) -> Optional[str]:
     g = ev.get
     who = f"{g('client')}:{g('client_port')}"
     ms = g("since_start_ms") if g("since_start_ms") is not None else g("ms")
     at = f" at +{_num(ms):.1f} ms" if ms is not None else ""
+    why = reason_text(state, g("reason"))
+    if step == "checked":
+        if g("cached"):
+            return None  # the same object checked moments ago: silent (its pass or claim is logged)
+        took = f" ({_num(g('ms')):.1f} ms)" if g("ms") is not None else ""
+        return f"checked {who}{took}" if g("ok") else f"cannot serve {who}: {why}{took}"
+    if step == "passed":
+        return f"passes {who}: {why}"
+    if step == "claimed":
+        return f"claims {who} (rank {g('rank')}{', the last candidate' if g('last') else ''})"
+    if step == "reprobe":
+        return f"no answer from {who} to the window probe: probing again (#{g('attempt')}){at}"
+    if step == "resynced":
+        gap = g("gap")
+        return f"{who} was {gap:,} bytes past its SYN/ACK: caught up" if isinstance(gap, int) else \
+            f"{who} was past its SYN/ACK: caught up"
+    if step == "outcome":
+        out = g("outcome")
+        if out == "reset":
+            return f"outcome of {who}: client RESET: {why}"
+        if out == "failed":
+            return f"outcome of {who}: FAILED: {why}"
+        if out == "passed":
+            return f"outcome of {who}: passed on ({why})"
+        return f"outcome of {who}: {out}" + (f" ({why})" if why else "")
     if step == "migrate_syn_sent":
         return f"Migrate SYN #{g('attempt') or 1} sent to {who} (reqno {g('reqno')}){at}"
     if step == "synack":
@@ -823,13 +977,15 @@ def _describe_takeover(step: str, ev: dict) -> str:
         return f"rest of the body to {who} sent: {fmt_bytes(g('bytes'))} in {g('seconds')} s"
     if step == "done":
         return f"takeover of {who} done: {fmt_bytes(g('bytes'))} in {g('seconds')} s ({g('end')})"
-    if step == "refused":
-        return f"takeover of {who} REFUSED: {g('reason')}"
+    if step == "refused":  # a Migrate RST: P set resets the client, clear (planned) gives it back
+        if g("planned"):
+            return f"gives {who} back to its server: {why} (Migrate RST without P)"
+        return f"resets the client {who}: {why} (Migrate RST){at}"
     return f"takeover of {who} FAILED: {g('reason')}{at}"
 
 
-def describe_event(state: State, src: str, ev: dict) -> str:
-    """One event as a line of the log (what it carries, in words)."""
+def describe_event(state: State, src: str, ev: dict) -> Optional[str]:
+    """One event as a line of the log (what it carries, in words); None: not worth a line."""
     k = ev.get("event")
     g = ev.get
     name = lambda ep: _name(state, ep)  # noqa: E731
@@ -855,8 +1011,16 @@ def describe_event(state: State, src: str, ev: dict) -> str:
             return f"heard {g('by')} claim {_plural(g('connections'), 'connection')} of dead {g('dead')}"
         if k == "race":
             return f"race with {g('other')} for {g('key')} of dead {g('dead')}"
+        if k == "pass_heard":
+            due = f": {g('now_due')} due here now" if g("now_due") else ""
+            return f"heard {g('by')} pass on {_plural(g('connections'), 'connection')} of dead {g('dead')}{due}"
         if k == "takeover":
-            return (f"takes over {_ep(g('key'))} {g('path') or ''} from dead {g('dead')} (rank {g('rank')})")
+            notes = [f"rank {g('rank')}"]
+            if g("last"):
+                notes.append("the last candidate")
+            if g("state") not in (None, "ACTIVE"):
+                notes.append(f"{g('state')} entry")
+            return f"takes over {_ep(g('key'))} {g('path') or ''} from dead {g('dead')} ({', '.join(notes)})"
         if k in ("peer_discovered", "peer_learned"):
             return f"found peer {g('node')} at {_ep(g('addr'))} via {g('via')}"
         if k == "zeroconf_registered":
@@ -869,8 +1033,26 @@ def describe_event(state: State, src: str, ev: dict) -> str:
             return f"established {_ep(g('client'))} -> {name(g('server'))}"
         if k == "migrate_accepted":
             key = _ep(g("client"))
-            return (f"Migrate SYN from {name(g('to'))} accepted for {key} (was {name(g('from'))}, reqno {g('reqno')}): "
+            resume = _resume_text(state, key, g("ack"))  # older client appliances said the ack here
+            return (f"Migrate SYN from {name(g('to'))} accepted for {key} (was {name(g('from'))}, "
+                    f"reqno {g('reqno')})" + (f": {resume}" if resume else ", probing the client's position"))
+        if k == "migrate_answered":
+            key = _ep(g("client"))
+            how = "position probed" if g("probed") else "position estimated: no answer to the probe"
+            sack = g("sack") or []
+            above = f", {_plural(len(sack), 'SACK block')} above a hole" if sack else ""
+            return (f"answers {name(g('to'))}'s Migrate SYN for {key} ({how}{above}): "
                     f"{_resume_text(state, key, g('ack'))}")
+        if k == "client_reset":
+            seqs = g("seqs")
+            rsts = f" ({_plural(len(seqs), 'RST')})" if isinstance(seqs, list) else ""
+            return f"resets the client {_ep(g('client'))}: {reason_text(state, g('reason'))}{rsts}"
+        if k == "migrate_abandoned":
+            return (f"migration of {_ep(g('client'))} to {name(g('to'))} abandoned: "
+                    f"{reason_text(state, g('reason'))}; it stays with its server")
+        if k == "migrate_rst_rejected":
+            return (f"Migrate RST from {name(g('from'))} REJECTED for {_ep(g('client'))}: "
+                    f"not the accepted migration's (ignored)")
         if k == "migrated":
             key = _ep(g("client"))
             took = ""
@@ -906,7 +1088,7 @@ def describe_event(state: State, src: str, ev: dict) -> str:
                     f"{g('closed_by')}, {g('responses_total')} responses)")
         step = takeover_step(ev)
         if step is not None:
-            return _describe_takeover(step, ev)
+            return _describe_takeover(state, step, ev)
         if k == "top_unreachable":
             return f"{g('source')} UNREACHABLE: {g('error')}"
         if k == "top_reachable":
@@ -1021,11 +1203,15 @@ def render_group(state: State, width: int, rows_avail: int) -> Panel:
     if not rows:
         table.add_row(Text("no server appliance in view", style="dim"))
     tot = group_totals(state)
-    sub = (f"deaths {tot['deaths']} · takeovers {tot['takeovers']} · races {tot['races']} · "
-           f"false suspicions {tot['false_suspicions']}")
+    sub = Text(f"deaths {tot['deaths']} · takeovers {tot['takeovers']} · races {tot['races']} · "
+               f"false suspicions {tot['false_suspicions']}", style="dim")
+    if tot["outcomes"]:  # the takeover engines' outcomes
+        sub.append(f" · resumed {tot['resumed']} · ", style="dim")
+        sub.append(f"reset {tot['reset']}", style="bold red" if tot["reset"] else "dim")
+        sub.append(f" · passed {tot['passed']} · failed {tot['failed']}", style="dim")
     title = "support group"
     return Panel(table, title=Text(title, style="bold"), title_align="left",
-                 subtitle=Text(sub, style="dim") if width >= 60 else None, subtitle_align="right",
+                 subtitle=sub if width >= 60 else None, subtitle_align="right",
                  box=box.ROUNDED, padding=(0, 1))
 
 
@@ -1037,6 +1223,11 @@ def render_connections(state: State, width: int, rows_avail: int, unicode: bool 
              ("owner", 7, 0), ("migr", 4, 1), ("state", 11, 3), ("rate", 10, 5), ("servers", 9, 3)]
     if not any(r.get("migrations") for r in rows):  # the servers a connection has been on: once one moved
         specs = [s for s in specs if s[0] != "servers"]
+    resets = [r for r in rows if r.get("outcome") == "reset"]
+    if resets:  # room for the reason in the state column, before the migration count (and the rate, acked)
+        state_w = 20 if inner < 100 else min(44, inner // 3)
+        specs = [("state", state_w, 1) if s[0] == "state" else ("migr", 4, 2) if s[0] == "migr" else s
+                 for s in specs]
     if source != "client":
         specs = [s for s in specs if s[0] not in ("migr", "rate", "servers", "acked")]
         specs = [("length" if s[0] == "progress" else s[0], 10 if s[0] == "progress" else s[1], s[2])
@@ -1045,21 +1236,24 @@ def render_connections(state: State, width: int, rows_avail: int, unicode: bool 
     keys = [c[0] for c in cols]
     right = ("acked", "migr", "rate", "length")
     table = _table([(c[0], c[1], c[2], {"justify": "right" if c[0] in right else "left",
-                                        "ratio": 1 if c[0] == "object" else None}) for c in cols], inner)
+                                        "ratio": 1 if c[0] == "object" else 3 if c[0] == "state" and resets
+                                        else None})
+                    for c in cols], inner)
     shown, more = _truncate(rows, rows_avail)
     for r in shown:
         closed = r["state"] == "closed"
+        reset = r.get("outcome") == "reset"
         cells = []
         for k in keys:
             if k == "client":
-                cells.append(Text(r["client"], style="dim" if closed else ""))
+                cells.append(Text(r["client"], style="bold red" if reset else "dim" if closed else ""))
             elif k == "object":
                 cells.append(Text(r["object"] or "?", style="dim" if r["object"] is None else ""))
             elif k == "progress":
                 if r["length_known"] and r["acked"] is not None:
                     frac = r["acked"] / r["length"] if r["length"] else 1.0
-                    t = progress_bar(frac, bar_w, unicode) if bar_w else Text()
-                    t.append(f"{' ' if bar_w else ''}{frac * 100:5.1f}%")
+                    t = progress_bar(frac, bar_w, unicode, "red" if reset else "green") if bar_w else Text()
+                    t.append(f"{' ' if bar_w else ''}{frac * 100:5.1f}%", style="red" if reset else "")
                 else:
                     t = progress_bar(None, bar_w, unicode) if bar_w else Text()
                     t.append("    n/a" if r["acked"] is None else "    ?  ", style="dim")
@@ -1080,7 +1274,10 @@ def render_connections(state: State, width: int, rows_avail: int, unicode: bool 
                          "yellow" if ost == "suspect" else "bold")
                 if ost == "dead":
                     t.append("✗" if unicode else "x", style="bold red")
-                if r["migrating_to"]:
+                if reset:  # nobody continues it: no claim to show; where no state column fits, say it here
+                    if "state" not in keys:
+                        t.append(" RESET", style="bold red")
+                elif r["migrating_to"]:
                     t.append(" → " if unicode else " -> ", style="cyan")
                     t.append(r["migrating_to"], style="bold cyan")
                 elif r["claim"] and r["claim"] != r["owner"]:
@@ -1093,13 +1290,21 @@ def render_connections(state: State, width: int, rows_avail: int, unicode: bool 
                 m = r["migrations"]
                 cells.append(Text("—" if m is None else str(m), style="bold cyan" if m else ""))
             elif k == "state":
+                if reset:  # the client got an error, not a resumption
+                    t = Text("RESETTING" if r["state"] == "resetting" else "RESET", style="bold reverse red")
+                    t.append(f" {reset_text(state, r, short=True)}", style="bold red")
+                    cells.append(t)
+                    continue
                 st = r["state"] or "?"
                 if closed and r["closed_by"]:
                     st = f"closed ({r['closed_by']})"
+                resumed = r.get("outcome") == "resumed"
+                if resumed:
+                    st = f"{st}, resumed" if closed else "resumed"
                 if r["rst_held"]:
                     st += " RST held"
-                cells.append(Text(st, style={"migrating": "bold cyan", "established": "green"}.get(
-                    r["state"], "dim" if closed else "")))
+                cells.append(Text(st, style="dim" if closed else "bold green" if resumed else {
+                    "migrating": "bold cyan", "established": "green"}.get(r["state"], "")))
             elif k == "rate":
                 cells.append(Text("—" if r["rate"] is None else fmt_bytes(r["rate"], "/s")))
             elif k == "servers":
@@ -1118,9 +1323,13 @@ def render_connections(state: State, width: int, rows_avail: int, unicode: bool 
     else:
         title = "connections (replicas' stream maps)" if width >= 50 else "connections (replicas)"
         sub = "length from the stream map; progress needs the client appliance's ACKs"
+    subtitle = Text(sub, style="dim") if width >= len(sub) + 10 else None
+    if resets:  # the bottom border says the newest reset in full (the cell may have cut its reason)
+        newest = max(resets, key=lambda r: _num(r.get("opened")))
+        subtitle = Text(f"{_plural(len(resets), 'client')} RESET", style="bold reverse red")
+        subtitle.append(f" {newest['client']} {reset_text(state, newest)}", style="bold red")
     return Panel(table, title=Text(title, style="bold"), title_align="left",
-                 subtitle=Text(sub, style="dim") if width >= len(sub) + 10 else None, subtitle_align="right",
-                 box=box.ROUNDED, padding=(0, 1))
+                 subtitle=subtitle, subtitle_align="right", box=box.ROUNDED, padding=(0, 1))
 
 
 def render_fastpath(state: State, width: int, unicode: bool = True) -> Panel:
@@ -1190,11 +1399,39 @@ def render_fastpath(state: State, width: int, unicode: bool = True) -> Panel:
     line2.append(f"{rejected} rejected", style="bold red" if rejected else "")
     line2.append(f", {fmt_count(_num(sh.get('lock_dropped_client')) + _num(sh.get('lock_dropped_rst')))} "
                  f"dropped in lock, {_plural(int(_num(sh.get('rsts_held'))), 'RST')} held, "
-                 f"{_plural(int(_num(sh.get('syns_tagged'))), 'SYN')} tagged")
-    summary = Group(line1, line2)
+                 f"{_plural(int(_num(sh.get('syns_tagged', (snap.get('table') or {}).get('syns_tagged')))), 'SYN')}"
+                 " tagged")
+    outcomes = _outcome_line(snap)  # first: what became of the connections a migration ended
+    summary = Group(*([outcomes] if outcomes is not None else []), line1, line2)
     title = f"fast path (client appliance {client.node}, build {snap.get('build', '?')}, {bridge.get('kind') or '?'} forwarder)"
     return Panel(Group(table, summary), title=Text(title, style="bold"), title_align="left", box=box.ROUNDED,
                  padding=(0, 1))
+
+
+def _outcome_line(snap: Optional[dict]) -> Optional[Text]:
+    """The client appliance's outcomes (every connection a migration ended: resumed, or its
+    client reset), with the probes and Migrate RSTs behind them; None for an appliance that
+    does not count outcomes."""
+    sh = (snap or {}).get("shim") or {}
+    if not isinstance(sh, dict) or "outcome_reset" not in sh:
+        return None
+    n = lambda k: int(_num(sh.get(k)))  # noqa: E731
+    line = Text(overflow="ellipsis", no_wrap=True)
+    line.append("outcomes ", style="bold")
+    line.append(f"{n('outcome_resumed')} resumed", style="bold green" if n("outcome_resumed") else "")
+    line.append(", ")
+    line.append(f"{n('outcome_reset')} RESET" if n("outcome_reset") else "0 reset",
+                style="bold reverse red" if n("outcome_reset") else "")
+    line.append(f" · {_plural(n('probes'), 'probe')} ({n('probe_answers')} answered, "
+                f"{n('probe_timeouts')} timed out), {_plural(n('migrate_rsts'), 'Migrate RST')} ")
+    rej = n("migrate_rsts_rejected")
+    line.append(f"({rej} rejected)", style="yellow" if rej else "")
+    line.append(f", {n('migrations_abandoned')} abandoned")
+    timers = snap.get("timers") or {}
+    if isinstance(timers, dict) and timers.get("late_max_ms") is not None:
+        late = _num(timers.get("late_max_ms"))
+        line.append(f" · timers late {late:.1f} ms at most", style="yellow" if late >= 100 else "dim")
+    return line
 
 
 def event_lines(state: State, limit: int) -> list:
@@ -1204,9 +1441,10 @@ def event_lines(state: State, limit: int) -> list:
     for src, ev in reversed(state.events):
         if len(out) > limit:
             break
-        step = takeover_step(ev)
-        style = TAKEOVER_STYLE[step] if step else EVENT_STYLE.get(ev.get("event"), "")
         text = describe_event(state, src, ev)
+        if text is None:
+            continue
+        style = event_style(ev)
         if out and out[-1][1] == src and out[-1][2] == text:
             t0, _, _, _, n = out[-1]
             out[-1] = (_num(ev.get("t")), src, text, style, n + 1)  # the first of the run keeps its time
@@ -1256,7 +1494,13 @@ def render_unknown(state: State, width: int) -> Panel:
 
 def render_header(state: State, width: int) -> Text:
     t = Text(no_wrap=True, overflow="ellipsis")
+    resets = outcome_totals(state)["reset"]
+    # a client got an error, not a resumption: said first, so that no terminal is too narrow for it
+    if resets and width < 40:
+        t.append(f" {resets} RESET ", style="bold reverse red")
     t.append(" appliance top ", style="bold reverse")
+    if resets and width >= 40:
+        t.append(f" {_plural(resets, 'client')} RESET ", style="bold reverse red")
     t.append(f" {state.title} ", style="bold")
     servers = _servers(state)
     client = _client(state)
@@ -1309,7 +1553,8 @@ def _render(state: State, width: int, height: int, unicode: bool):
     n_conns = len(connection_view(state)[0])
     # blocks: [name, minimum lines, wanted lines], in priority order (borders 2 lines, table headers 1)
     group_lo, group_want = 4, n_nodes + 3 + (0 if n_nodes else 1)
-    fast_lo = fast_want = 3 if client is None or client.live is None else 7
+    fast_lo = fast_want = 3 if client is None or client.live is None else \
+        7 + (_outcome_line(client.live) is not None)
     side = width >= 150 and bool(servers) and client is not None
     blocks = []
     unknown = sum(1 for s in state.sources if s.role is None)

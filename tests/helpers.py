@@ -134,6 +134,40 @@ def strip_eth(frame: bytes) -> bytes:
     return frame[14:]
 
 
+def garbage_options(rng) -> bytes:
+    """A random TCP option block that parses: every option well formed (kinds known and
+    unknown, any values), sometimes an EOL followed by junk."""
+    out = b""
+    while rng.random() < 0.8:
+        k = rng.randrange(9)
+        if k == 0:
+            o = b"\x01"
+        elif k == 1:
+            o = C.opt_mss(rng.getrandbits(16))
+        elif k == 2:
+            o = C.opt_wscale(rng.getrandbits(8))
+        elif k == 3:
+            o = C.opt_sack_permitted()
+        elif k == 4:
+            o = C.opt_sack([(rng.getrandbits(32), rng.getrandbits(32)) for _ in range(rng.randint(1, 4))])
+        elif k == 5:
+            o = C.opt_timestamps(rng.getrandbits(32), rng.getrandbits(32))
+        elif k == 6:
+            o = bytes((rng.choice((253, 254)), 0)) + bytes(rng.getrandbits(8) for _ in range(rng.randrange(2, 20)))
+            o = o[:1] + bytes((len(o),)) + o[2:]
+        elif k == 7:
+            o = C.opt_migrate(bool(rng.getrandbits(1)), rng.getrandbits(7), rng.getrandbits(64), rng.getrandbits(64))
+        else:
+            o = bytes((rng.choice((6, 7, 30, 99, 200)), 0)) + bytes(rng.getrandbits(8) for _ in range(rng.randrange(8)))
+            o = o[:1] + bytes((len(o),)) + o[2:]
+        if len(out) + len(o) > C.MAX_TCP_OPTIONS:
+            break
+        out += o
+    if rng.random() < 0.2 and len(out) < C.MAX_TCP_OPTIONS:
+        out += b"\x00" + bytes(rng.getrandbits(8) for _ in range(rng.randrange(C.MAX_TCP_OPTIONS - len(out))))
+    return out
+
+
 # --- scapy's view -----------------------------------------------------------------------
 
 

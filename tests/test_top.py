@@ -5,7 +5,11 @@ tests/data/top/failover.json was recorded from a real lab by tests/data/top/reco
 server appliances and the client appliance polled every 0.5 s while c1 downloads /obj-100m from
 a through a 40 mbit link, a killed 3 s in, 3 s more. The migration scenario below is that
 recording with what the client appliance and the takeover engine report when the takeover
-completes (events of the kinds and fields appliance/shim.py and appliance/takeover.py emit).
+completes (events of the kinds and fields appliance/shim.py and appliance/takeover.py emit);
+the reset scenario (reset_recording) is that recording where nobody can continue the
+connection: c passes it, b (the last candidate) resets the client with a Migrate RST, the
+client appliance resets the client, with the outcome fields and counters the appliances'
+status snapshots now carry.
 """
 
 from __future__ import annotations
@@ -304,7 +308,9 @@ def test_unreachable_appliances():
 @pytest.mark.parametrize("size", [(40, 12), (20, 5), (10, 3), (1, 1), (200, 60), (30, 40)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_small_and_odd_terminals(rec, size):
+    r = reset_recording(rec)
     for state in (before_kill(rec), after_kill(rec), collector_from_recording(migrated_recording(rec)).state,
+                  collector_from_recording(r).state, collector_from_recording(r, until=resetting_at(r)).state,
                   Collector([], title="empty").state):
         screen(state, *size)
 
@@ -315,6 +321,8 @@ def test_tiny_terminal_keeps_the_essentials(rec):
     assert "%" in text  # the download's progress
     text = screen(after_kill(rec), 20, 5)
     assert "DEAD" in text  # the worst state first when not every node fits
+    text = screen(collector_from_recording(reset_recording(rec)).state, 20, 5)
+    assert "RESET" in text  # a client reset: the header says it first
 
 
 def test_ascii_mode(rec):
@@ -636,3 +644,283 @@ def test_owner_names_from_the_snapshots(mig):
     text = screen(collector_from_recording(r).state, 120, 40)
     row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
     assert new in row.replace("│", " ").split()
+
+
+# --- outcomes: a client reset (nobody can continue it) ---------------------------------------------
+
+ETAG = "etag: local '\"5f3b-6400000\"' differs from A's '\"5f3a-6400000\"'"  # appliance/resume.py's words
+
+
+def reset_recording(rec):
+    """The recording with what the appliances report when nobody can continue the connection:
+    c (rank 0) checks its copy, it differs: c passes; b (the last candidate) hears the pass,
+    checks, claims, does the Migrate handshake and resets the client with a Migrate RST; the
+    client appliance resets the client (RESETTING for a while, then closed). The client and
+    server snapshots have the outcome fields and counters of appliance/shim.py, client.py
+    and takeover.py."""
+    r = copy.deepcopy(rec)
+    conn = r["samples"][-1]["snapshots"]["client-ca"]["connections"][0]
+    client = conn["client"]
+    ack = conn["client_to_server"]["ack"]
+    t0 = next(ev["t"] for ev in r["events"]["server-c"] if ev["event"] == "peer_dead")
+    base = {"client": client[0], "client_port": client[1], "server": "10.70.1.2", "server_port": 80}
+    # c passes instead of claiming: no CLAIM for b to hear
+    r["events"]["server-b"] = [ev for ev in r["events"]["server-b"] if ev["event"] != "claim_heard"]
+    r["events"]["server-c"] += [
+        {"t": t0 + 0.0010, "event": "checked", **base, "ok": False, "reason": ETAG, "ms": 1.4, "cached": False,
+         "since_start_ms": 1.4},
+        {"t": t0 + 0.0011, "event": "passed", **base, "reason": ETAG, "since_start_ms": 1.5},
+        {"t": t0 + 0.0012, "event": "outcome", **base, "outcome": "passed", "reason": ETAG, "since_start_ms": 1.5},
+    ]
+    why = f"no member can serve it: {ETAG}"
+    r["events"]["server-b"] += [
+        {"t": t0 + 0.0030, "event": "pass_heard", "by": "c", "dead": "a", "connections": 1, "now_due": 1},
+        {"t": t0 + 0.0031, "event": "takeover", "dead": "a", "rank": 1, "last": True, "state": "ACTIVE",
+         "key": {"client": client[0], "client_port": client[1], "server": "10.70.1.2", "server_port": 80},
+         "path": "/obj-100m"},
+        {"t": t0 + 0.0045, "event": "checked", **base, "ok": False, "reason": ETAG, "ms": 1.2, "cached": False,
+         "since_start_ms": 1.2},
+        {"t": t0 + 0.0046, "event": "claimed", **base, "last": True, "rank": 1, "since_start_ms": 1.3},
+        {"t": t0 + 0.0047, "event": "migrate_syn_sent", **base, "attempt": 1, "seq": 1, "reqno": 1, "sent": True,
+         "since_start_ms": 1.4},
+        {"t": t0 + 0.0070, "event": "synack", **base, "seq": 2, "ack": ack, "window": 63, "rtt_ms": 2.1,
+         "attempts": 1, "held_above": 0, "since_start_ms": 3.6},
+        {"t": t0 + 0.0071, "event": "refused", **base, "reason": why, "planned": False, "since_start_ms": 3.7},
+        {"t": t0 + 0.0072, "event": "outcome", **base, "outcome": "reset", "reason": why, "since_start_ms": 3.7},
+    ]
+    r["events"]["client-ca"] += [
+        {"t": t0 + 0.0050, "event": "migrate_accepted", "client": client, "to": ["10.70.2.2", 80],
+         "from": ["10.70.1.2", 80], "reqno": 1},
+        {"t": t0 + 0.0065, "event": "migrate_answered", "client": client, "to": ["10.70.2.2", 80], "seq": 1,
+         "ack": ack, "tsecr": 7, "sack": [], "probed": True},
+        {"t": t0 + 0.0075, "event": "client_reset", "client": client, "server": ["10.70.1.2", 80],
+         "reason": "10.70.2.2 cannot continue it", "seqs": [ack]},
+    ]
+    zero = dict.fromkeys(("outcome_resumed", "outcome_reset", "client_resets", "probes", "probe_answers",
+                          "probe_timeouts", "migrate_rsts", "migrate_rsts_rejected", "migrations_abandoned"), 0)
+    engine = dict.fromkeys(("outcome_resumed", "outcome_reset", "outcome_passed", "outcome_failed", "checks",
+                            "checks_cached", "checks_failed", "claimed", "passed", "resets_sent", "queued",
+                            "held_above", "reprobes", "running", "waiting", "relaying"), 0)
+    for s in r["samples"]:
+        after = s["t"] > t0 + 0.01
+        ca = s["snapshots"]["client-ca"]
+        ca["shim"].update(zero)
+        ca["timers"] = {"runs": 12, "late_max_ms": 0.8}
+        for c in ca["connections"]:
+            c.update(outcome=None, outcome_reason=None)
+        for name, counts in (("server-b", {"outcome_reset": 1, "checks": 1, "checks_failed": 1, "claimed": 1,
+                                           "resets_sent": 1}),
+                             ("server-c", {"outcome_passed": 1, "checks": 1, "checks_failed": 1, "passed": 1})):
+            snap = s["snapshots"].get(name)
+            if snap is not None and snap.get("ok", True):
+                snap["takeover"] = {"counters": {**engine, **(counts if after else {})}, "active": [], "finished": []}
+        if not after:
+            continue
+        ca["shim"].update(outcome_reset=1, client_resets=1, probes=1, probe_answers=1, migrate_rsts=1,
+                          migrate_syns=1)
+        c = ca["connections"][0]
+        c.update(outcome="reset", outcome_reason="10.70.2.2 cannot continue it", reqno=1, migrating_to=None,
+                 state="resetting" if s["t"] < t0 + 2.0 else "closed",
+                 closed_by=None if s["t"] < t0 + 2.0 else "appliance")
+    return r
+
+
+def conn_port(r):
+    return r["samples"][-1]["snapshots"]["client-ca"]["connections"][0]["client"][1]
+
+
+def resetting_at(r):
+    """A time while the client appliance still answers the client's frames with RSTs."""
+    t0 = next(ev["t"] for ev in r["events"]["server-c"] if ev["event"] == "peer_dead")
+    return next(s["t"] for s in r["samples"] if t0 + 0.01 < s["t"] < t0 + 2.0)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_client_reset_is_impossible_to_miss(rec, size):
+    w, h = size
+    r = reset_recording(rec)
+    text = screen(collector_from_recording(r).state, w, h)
+    lines = text.splitlines()
+    assert "1 client RESET" in lines[0]  # the header, whatever the size
+    row = next(line for line in lines if "10.70.0.11:" in line and "%" in line)
+    assert "RESET" in row  # the connection's own row (its owner cell where no state column fits)
+    assert "resumed" not in row and "a✗ → b?" not in row  # not a claim in progress any more
+    if w >= 80:
+        assert "RESET by b: etag: local" in row  # the replica's reason, cut to fit
+        # the panel's border: the newest reset, its reason longer
+        assert f"1 client RESET 10.70.0.11:{conn_port(r)} by b: no member can serve it: etag" in text
+
+
+def test_client_reset_details_at_120x40(rec):
+    r = reset_recording(rec)
+    text = screen(collector_from_recording(r).state, 120, 40)
+    lines = text.splitlines()
+    # the client appliance's counters: the outcomes, and the probes and Migrate RSTs behind them
+    outcomes = next(line for line in lines if "outcomes " in line)
+    assert "outcomes 0 resumed, 1 RESET" in outcomes
+    assert "1 probe (1 answered, 0 timed out), 1 Migrate RST (0 rejected), 0 abandoned" in outcomes
+    assert "shim 1 migration" not in text and "shim 0 migrations, 1 Migrate SYN, 0 rejected" in text
+    # the takeover engines' outcomes under the support group
+    assert "resumed 0 · reset 1 · passed 1 · failed 0" in text
+    # the event log tells the story
+    assert "resets the client 10.70.0.11:" in text and ": b cannot continue it (1 RST)" in text  # ca
+    assert "answers b's Migrate SYN for 10.70.0.11:" in text and "(position probed): resume at byte" in text
+    assert "outcome of 10.70.0.11:" in text and "client RESET: no member can serve it: etag: local" in text
+    i_pass = text.index("passes 10.70.0.11:")
+    i_heard = text.index("heard c pass on 1 connection of dead a: 1 due here now")
+    i_take = text.index("(rank 1, the last candidate)")
+    i_claim = text.index("claims 10.70.0.11:")
+    i_reset = text.index("resets the client 10.70.0.11:", i_claim)
+    assert i_pass < i_heard < i_take < i_claim < i_reset
+    assert f"cannot serve 10.70.0.11:{conn_port(r)}: etag: local" in text  # b's failed check
+
+
+def test_client_reset_event_lines_and_styles(rec):
+    r = reset_recording(rec)
+    state = collector_from_recording(r).state
+    lines = {(src, text): style for _t, src, text, style, _n in top.event_lines(state, 100)}
+
+    def one(src, prefix):
+        found = [(t, s) for (sr, t), s in lines.items() if sr == src and t.startswith(prefix)]
+        assert len(found) == 1, (src, prefix, found)
+        return found[0]
+
+    text, style = one("server-b", "resets the client")
+    assert text.endswith(f"no member can serve it: {ETAG} (Migrate RST) at +3.7 ms") and style == "bold red"
+    text, style = one("server-b", "outcome of")
+    assert "client RESET" in text and style == "bold red"
+    text, style = one("client-ca", "resets the client")
+    assert text.endswith("b cannot continue it (1 RST)") and style == "bold red"
+    text, style = one("server-c", "passes")
+    assert text.endswith(f": {ETAG}") and style == "yellow"
+    text, style = one("server-c", "outcome of")
+    assert "passed on" in text and style == "yellow"
+    text, style = one("server-b", "claims")
+    assert text.endswith("(rank 1, the last candidate)") and style == "magenta"
+    assert one("server-b", "heard c pass on")[1] == "magenta"
+    assert one("client-ca", "answers b's Migrate SYN")[1] == "cyan"
+    text, _ = one("client-ca", "Migrate SYN from b accepted")
+    assert text.endswith("(was a, reqno 1), probing the client's position")  # no ack in the event any more
+
+
+def test_client_reset_while_resetting(rec):
+    r = reset_recording(rec)
+    text = screen(collector_from_recording(r, until=resetting_at(r)).state, 120, 40)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    assert "RESETTING by b: etag: local" in row
+    text = screen(collector_from_recording(r, until=resetting_at(r)).state, 40, 12)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    assert "a✗ RESET" in row  # no room for a state column: the owner cell says it
+
+
+def test_client_reset_with_the_client_appliance_alone(rec):
+    """No replica in view: the client appliance's own reason, its addresses as names."""
+    state = only(reset_recording(rec), {"client-ca"})
+    text = screen(state, 120, 30)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "?" in line)
+    assert "RESET b cannot continue it" in row
+    assert "1 client RESET" in text.splitlines()[0]
+
+
+def test_client_reset_with_the_replicas_alone(rec):
+    """No client appliance in view: the header counts the takeover engines' resets; the log
+    says why."""
+    state = only(reset_recording(rec), {"server-b", "server-c"})
+    text = screen(state, 120, 40)
+    assert "1 client RESET" in text.splitlines()[0]
+    assert "resets the client 10.70.0.11:" in text and "client RESET: no member can serve it" in text
+    # and without their snapshots' counters, from the events
+    r = reset_recording(rec)
+    for s in r["samples"]:
+        for snap in s["snapshots"].values():
+            snap.pop("takeover", None)
+    state = only(r, {"server-b", "server-c"})
+    assert top.outcome_totals(state) == {"resumed": 0, "reset": 1, "source": "events"}
+    assert "1 client RESET" in screen(state, 80, 24).splitlines()[0]
+
+
+def test_an_older_client_appliance_without_outcomes(rec):
+    """A client appliance that has no outcome fields yet: the client_reset event says it."""
+    r = reset_recording(rec)
+    for s in r["samples"]:
+        ca = s["snapshots"]["client-ca"]
+        for k in ("outcome_resumed", "outcome_reset"):
+            ca["shim"].pop(k, None)
+        for c in ca["connections"]:
+            c.pop("outcome", None)
+            c.pop("outcome_reason", None)
+            if c["state"] == "resetting":
+                c["state"] = "closed"
+    text = screen(collector_from_recording(r).state, 120, 40)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    assert "RESET by b: etag: local" in row
+    assert "outcomes " not in text  # no outcome counters: no such line
+
+
+def test_resumed_outcome_in_the_connection_row(rec):
+    r = migrated_recording(rec)
+    for s in r["samples"]:
+        ca = s["snapshots"]["client-ca"]
+        ca["shim"].update(outcome_resumed=1 if s["t"] > r["killed"] else 0, outcome_reset=0, probes=1,
+                          probe_answers=1)
+        for c in ca["connections"]:
+            c.update(outcome="resumed" if s["t"] > r["killed"] else None, outcome_reason=None)
+    text = screen(collector_from_recording(r).state, 120, 40)
+    row = next(line for line in text.splitlines() if "10.70.0.11:" in line and "%" in line)
+    assert "resumed" in row and "RESET" not in text
+    assert "outcomes 1 resumed, 0 reset" in text
+    assert "shim 1 migration, 1 Migrate SYN, 0 rejected" in text
+
+
+def test_more_outcome_events_in_the_log(rec):
+    r = copy.deepcopy(rec)
+    t = r["samples"][-1]["t"]
+    k = {"client": "10.70.0.11", "server": "10.70.1.2", "server_port": 80}
+    r["events"]["server-b"] += [
+        {"t": t - 0.30, "event": "checked", **k, "client_port": 11, "ok": True, "reason": None, "ms": 0.9,
+         "cached": False},
+        {"t": t - 0.29, "event": "checked", **k, "client_port": 12, "ok": True, "reason": None, "ms": 0.0,
+         "cached": True},
+        {"t": t - 0.28, "event": "checked", **k, "client_port": 13, "ok": False, "reason": "cached reason",
+         "ms": 0.0, "cached": True},
+        {"t": t - 0.27, "event": "reprobe", **k, "client_port": 11, "attempt": 1, "since_start_ms": 9.5},
+        {"t": t - 0.26, "event": "resynced", **k, "client_port": 11, "stale_ack": 5, "ack": 1453, "gap": 1448},
+        {"t": t - 0.25, "event": "outcome", **k, "client_port": 11, "outcome": "resumed", "reason": "resume"},
+        {"t": t - 0.24, "event": "refused", **k, "client_port": 14, "reason": "the local server failed",
+         "planned": True},
+        {"t": t - 0.23, "event": "outcome", **k, "client_port": 14, "outcome": "failed",
+         "reason": "the local server failed"},
+    ]
+    r["events"]["client-ca"] += [
+        {"t": t - 0.20, "event": "migrate_answered", "client": ["10.70.0.11", 15], "to": ["10.70.3.2", 80],
+         "seq": 1, "ack": 99, "tsecr": 0, "sack": [[200, 300]], "probed": False},
+        {"t": t - 0.19, "event": "migrate_abandoned", "client": ["10.70.0.11", 14], "to": ["10.70.2.2", 80],
+         "reason": "10.70.2.2 abandoned the migration"},
+        {"t": t - 0.18, "event": "migrate_rst_rejected", "from": ["10.70.3.2", 80], "client": ["10.70.0.11", 16]},
+    ]
+    state = collector_from_recording(r).state
+    text = screen(state, 160, 60)
+    assert "checked 10.70.0.11:11 (0.9 ms)" in text
+    assert "10.70.0.11:12" not in text and "10.70.0.11:13" not in text  # cached checks: silent
+    assert "no answer from 10.70.0.11:11 to the window probe: probing again (#1)" in text
+    assert "10.70.0.11:11 was 1,448 bytes past its SYN/ACK: caught up" in text
+    assert "outcome of 10.70.0.11:11: resumed (resume)" in text
+    assert "gives 10.70.0.11:14 back to its server: the local server failed (Migrate RST without P)" in text
+    assert "outcome of 10.70.0.11:14: FAILED: the local server failed" in text
+    assert ("answers c's Migrate SYN for 10.70.0.11:15 (position estimated: no answer to the probe, 1 SACK block "
+            "above a hole): resume at server seq 99") in text
+    assert "migration of 10.70.0.11:14 to b abandoned: b abandoned the migration; it stays with its server" in text
+    assert "Migrate RST from c REJECTED for 10.70.0.11:16" in text
+    styles = {text: style for _t, _s, text, style, _n in top.event_lines(state, 100)}
+    assert styles["outcome of 10.70.0.11:11: resumed (resume)"] == "bold green"
+    assert next(s for tx, s in styles.items() if tx.startswith("gives 10.70.0.11:14")) == "yellow"
+    assert next(s for tx, s in styles.items() if tx.startswith("checked 10.70.0.11:11")) == "dim"
+    assert "RESET" not in text.splitlines()[0]  # no client was reset
+
+
+def test_reason_text_names_the_replicas(rec):
+    state = after_kill(rec)
+    assert top.reason_text(state, "10.70.2.2 cannot continue it") == "b cannot continue it"
+    assert top.reason_text(state, "MIGRATE-WAIT ended:\n the server") == "MIGRATE-WAIT ended: the server"
+    assert top.reason_text(state, "10.70.9.9 and 10.70.1.2:80") == "10.70.9.9 and a:80"
+    assert top.reason_text(state, None) == ""

@@ -4,81 +4,20 @@ oscillation, races, forged Migrate SYNs and a restarted replica whose kernel ans
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
 import labutil
 from appliance.control import call
-from appliance.lab import file_sha256, file_size, wait_for
+from appliance.lab import file_sha256, wait_for
 from appliance.statusfile import read_events, read_status
+from labutil import Download, client_conn, group_ready, owner_of, replica_at, wait_fraction
 
 pytestmark = pytest.mark.lab
 
 OBJ = "/obj-20m"
-
-
-
-
-
-
-def group_ready(lab, replicas="abc"):
-    def ready():
-        for n in replicas:
-            st = (read_status(lab.lab_dir, "server", n) or {}).get("group") or {}
-            if len(st.get("peers", {})) != len(replicas) - 1:
-                return False
-        return True
-    assert wait_for(ready, timeout=15), "the support group did not form"
-
-
-def client_conn(lab):
-    st = read_status(lab.lab_dir, "client", "ca") or {}
-    conns = [c for c in st.get("connections", []) if c["state"] != "closed"]
-    return conns[-1] if conns else None
-
-
-
-
-def owner_of(lab, conn_port):
-    """The replica that holds the client's connection now, per the client appliance."""
-    st = read_status(lab.lab_dir, "client", "ca") or {}
-    for c in st.get("connections", []):
-        if c["client"][1] == conn_port:
-            return c["current"]
-    return None
-
-
-def replica_at(lab, addr):
-    for r in lab.replicas:
-        if lab.ip(r) == addr[0]:
-            return r
-    return None
-
-
-class Download:
-    """A curl in c1 writing to a temp file; the objects' sums come from the lab's manifest."""
-
-    def __init__(self, lab, urls, extra=()):
-        self.dir = tempfile.mkdtemp()
-        self.outs = [os.path.join(self.dir, f"o{i}") for i in range(len(urls))]
-        args = []
-        for u, o in zip(urls, self.outs):
-            args += [u, "-o", o]
-        self.proc = lab.popen("c1", ["curl", "-sS", "--max-time", "120", *extra, *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def wait(self, timeout=150):
-        self.stdout, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, err
-
-
-def wait_fraction(lab, dl, size, fraction, timeout=30):
-    assert wait_for(lambda: file_size(dl.outs[0]) >= size * fraction, timeout=timeout), \
-        f"download stalled at {file_size(dl.outs[0])} bytes"
 
 
 def failover_time(lab, killed_at):

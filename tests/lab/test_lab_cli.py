@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 import labutil
+from appliance.lab import COPIES_ROOT
 
 pytestmark = pytest.mark.lab
 
@@ -22,19 +23,24 @@ def test_cli_round_trip(netns_ok):
     name = labutil.unique_name()
     try:
         res = cli("up", "--name", name, "--clients", "2", "--replicas", "a,b", "--client-path", "bridge",
-                  "--offloads", "off", "--delay", "client=5", "--rate", "b=8mbit", "--no-appliances")
+                  "--offloads", "off", "--delay", "client=5", "--rate", "b=8mbit", "--no-appliances",
+                  "--server", "lighttpd", "--docroot", "copy")
         assert res.returncode == 0, res.stderr
         assert f"lab {name}: up" in res.stdout
+        assert f"docroot {COPIES_ROOT / name / 'b'}" in res.stdout
+        assert (COPIES_ROOT / name / "a" / "obj-100k").is_file()
 
         again = cli("up", "--name", name, "--client-path", "bridge", "--no-appliances")
         assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
         st = cli("status", "--name", name)
         assert st.returncode == 0, st.stderr
-        for text in (f"mig-{name}-c2", f"mig-{name}-lclient", "10.70.2.2/24", "10.70.0.12/24", "alive"):
+        for text in (f"mig-{name}-c2", f"mig-{name}-lclient", "10.70.2.2/24", "10.70.0.12/24", "alive",
+                     "server lighttpd", "docroot copy", "lighttpd-a"):
             assert text in st.stdout
         js = json.loads(cli("status", "--name", name, "--json").stdout)
         assert js["up"] is True and set(js["nodes"]) == {"c1", "c2", "sw", "ca", "lclient", "r", "sx", "a", "b"}
+        assert js["options"]["docroot"] == "copy" and js["docroots"]["a"] == str(COPIES_ROOT / name / "a")
         assert js["appliances"]["linkem-lclient"]["ready"] is True
 
         ping = cli("exec", "c2", "--name", name, "--", "ping", "-c", "2", "-i", "0.2", "-W", "2", "10.70.2.2")
@@ -52,6 +58,7 @@ def test_cli_round_trip(netns_ok):
         down = cli("down", "--name", name)
     assert down.returncode == 0, down.stderr
     labutil.assert_gone(name)
+    assert not (COPIES_ROOT / name).exists()
     assert cli("status", "--name", name).returncode == 1
 
 
@@ -59,7 +66,8 @@ def test_cli_round_trip(netns_ok):
     (["--rate", "a=12x"], "--rate a=...: bad rate '12x'"),
     (["--delay", "zz=5"], "unknown link 'zz'"),
     (["--loss", "a=2"], "--loss a=...: want a probability"),
-    (["--server", "apache"], "--server: want 'builtin' or 'nginx'"),
+    (["--server", "apache"], "--server: want 'builtin', 'nginx' or 'lighttpd'"),
+    (["--docroot", "tmpfs"], "--docroot: want 'shared' or 'copy'"),
     (["--client-path", "tunnel"], "--client-path: want 'appliance' or 'bridge'"),
     (["--offloads", "maybe"], "--offloads: want 'on' or 'off'"),
     (["--clients", "many"], "--clients: want an integer"),

@@ -11,6 +11,7 @@ import http.client
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -211,3 +212,105 @@ def test_parse_range_unit():
     assert p("bytes=0-", 0) == "unsatisfiable"
     assert p("bytes=1-2, 4-5", 10) is None
     assert p("BYTES=1-2", 10) == (1, 2)
+
+
+# -- test knobs: ?chunked=1 and ?delay_ms=N ------------------------------------------------
+
+
+def _read_chunked(f):
+    """Read a chunked body from `f`; returns (chunk sizes, body)."""
+    sizes, body = [], b""
+    for _ in range(10000):
+        line = f.readline()
+        n = int(line.split(b";")[0].strip(), 16)
+        sizes.append(n)
+        if n == 0:
+            assert f.readline() == b"\r\n"  # no trailers
+            return sizes, body
+        body += f.read(n)
+        assert f.read(2) == b"\r\n"
+    raise AssertionError("too many chunks")
+
+
+def test_chunked_get(server):
+    resp, body = request(server, path=NAME + "?chunked=1")
+    assert resp.status == 200
+    assert resp.getheader("Transfer-Encoding") == "chunked"
+    assert resp.getheader("Content-Length") is None
+    assert body == BODY
+    plain, _ = request(server, "HEAD")
+    assert resp.getheader("ETag") == plain.getheader("ETag")
+    assert resp.getheader("Last-Modified") == plain.getheader("Last-Modified")
+
+
+def test_chunked_raw_64k_chunks_range_ignored_keepalive(server):
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+        f = s.makefile("rb")
+        s.sendall(f"GET {NAME}?chunked=1 HTTP/1.1\r\nHost: x\r\nRange: bytes=10-19\r\n\r\n".encode())
+        status, headers, _ = _read_response_head_only(f)
+        assert status.startswith(b"HTTP/1.1 200")
+        assert headers["transfer-encoding"] == "chunked" and "content-length" not in headers
+        assert "content-range" not in headers
+        sizes, body = _read_chunked(f)
+        assert sizes == [65536, SIZE - 65536, 0]
+        assert body == BODY
+        # the connection stays usable: a normal request on it
+        s.sendall(b"GET /obj-1k HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = _read_response(f)
+        assert status.startswith(b"HTTP/1.1 200") and body == docroot.expected_bytes("1k")
+
+
+def test_chunked_head(server):
+    resp, body = request(server, "HEAD", path=NAME + "?chunked=1")
+    assert resp.status == 200 and body == b""
+    assert resp.getheader("Transfer-Encoding") == "chunked" and resp.getheader("Content-Length") is None
+
+
+def _time_to_head(srv, path):
+    with socket.create_connection(("127.0.0.1", srv.server_port), timeout=10) as s:
+        f = s.makefile("rb")
+        t0 = time.monotonic()
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status = f.readline()
+        elapsed = time.monotonic() - t0
+        rest = f.read()
+    return status, elapsed, rest
+
+
+def test_delay_ms(server):
+    status, elapsed, rest = _time_to_head(server, "/obj-1k?delay_ms=300")
+    assert status.startswith(b"HTTP/1.1 200")
+    assert elapsed >= 0.3
+    assert rest.endswith(docroot.expected_bytes("1k"))
+    status, elapsed, _ = _time_to_head(server, "/obj-1k?delay_ms=0")
+    assert status.startswith(b"HTTP/1.1 200") and elapsed < 0.3
+
+
+def test_delay_and_chunked_combined(server):
+    t0 = time.monotonic()
+    resp, body = request(server, path=NAME + "?chunked=1&delay_ms=200")
+    assert time.monotonic() - t0 >= 0.2
+    assert resp.getheader("Transfer-Encoding") == "chunked" and body == BODY
+
+
+def test_query_ignored_when_resolving(server):
+    resp, body = request(server, path="/obj-1k?x=1&chunked=0")
+    assert resp.status == 200 and body == docroot.expected_bytes("1k")
+    assert resp.getheader("Content-Length") == "1024"
+    resp, _ = request(server, path="/missing?chunked=1")
+    assert resp.status == 404
+
+
+@pytest.mark.parametrize("query", ["chunked=yes", "chunked=", "delay_ms=-1", "delay_ms=60001", "delay_ms=abc",
+                                   "delay_ms=1.5"])
+def test_bad_knobs_400(server, query):
+    resp, _ = request(server, path=f"/obj-1k?{query}")
+    assert resp.status == 400
+
+
+def test_parse_knobs_unit():
+    k = httpserver.parse_knobs
+    assert k("") == {"chunked": False, "delay_ms": 0}
+    assert k("chunked=1&delay_ms=60000&other=z") == {"chunked": True, "delay_ms": 60000}
+    with pytest.raises(ValueError):
+        k("delay_ms=99999")

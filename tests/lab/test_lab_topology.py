@@ -43,7 +43,7 @@ def test_up_down_leaves_nothing_and_client_path_switches(make_lab):
     assert ping(lab, "r", lab.ip("b")).returncode == 0
     assert ping(lab, "c1", lab.ip("a")).returncode != 0
     lab.set_client_path("bridge")
-    assert ping(lab, "c1", lab.ip("a")).returncode == 0
+    assert ping(lab, "c1", lab.ip("a"), count=3).returncode == 0  # any reply: a new bridge may lose the first
     lab.set_client_path("appliance")
     assert "br0" not in lab.run("ca", ["ip", "-br", "link"]).stdout
     assert ping(lab, "c1", lab.ip("a")).returncode != 0
