@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEB_PACKAGES=(build-essential python3-dev python3-venv iproute2 ethtool curl nginx-light lighttpd iperf3
-              iputils-ping libpcap-dev tcpdump iptables tmux procps psmisc)
+              iputils-ping libpcap-dev libssl-dev tcpdump iptables tmux procps psmisc)
 PY=${PYTHON:-python3}
 VENV=.venv
 

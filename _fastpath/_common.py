@@ -671,5 +671,5 @@ ENGINE_API = (
     "BUILD", "FrameView", "parse", "parse_batch", "internet_checksum", "csum_update16", "csum_update32",
     "csum_update_bytes", "ipv4_header_checksum", "tcp_checksum", "verify_checksums", "fix_checksums",
     "rewrite_addresses", "rewrite_tcp", "insert_option", "build_tcp", "build_migrate_syn",
-    "build_migrate_synack", "build_rst", "FlowTable",
+    "build_migrate_synack", "build_rst", "FlowTable", "Mac",
 )

@@ -35,6 +35,9 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_signal(pthread_cond_t* c)
     int pthread_cond_timedwait(pthread_cond_t* c, pthread_mutex_t* m, const timespec* t)
 
+cdef extern from "<malloc.h>" nogil:
+    int malloc_trim(size_t pad)
+
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
 
@@ -70,6 +73,10 @@ cdef enum:
     V_PYTHON = 3
 
 cdef size_t PUNT_QUEUE_MAX = 64 << 20  # bytes of frames waiting for the control plane (more: punt_drops)
+# a burst freed in the punt thread leaves glibc's arenas holding its pages (malloc in one
+# thread, free in another, fragmented by frames that were still queued): after this many
+# bytes have been freed and the queue is empty, hand the free pages back to the kernel
+cdef size_t TRIM_AFTER = 4 << 20
 
 STAT_NAMES = ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "tx_errors", "dropped", "to_python",
               "truncated", "batches", "rx_errors", "last_errno", "punt_drops", "punt_queue_peak")
@@ -384,6 +391,8 @@ cdef class Forwarder:
         cdef punt_rec* nxt
         cdef timespec ts
         cdef uint8_t* data
+        cdef size_t freed = 0
+        cdef bint empty
         while True:
             with nogil:
                 pthread_mutex_lock(&self.qlock)
@@ -411,8 +420,14 @@ cdef class Forwarder:
                     import sys
                     print(f"bridge: punt handler failed: {exc!r}", file=sys.stderr)
                 nxt = r.next
+                freed += r.length
                 free(r)
                 r = nxt
             pthread_mutex_lock(&self.qlock)  # the batch's first stamp stood for all of it (they only grow)
             self.busy_oldest = -1.0
+            empty = self.qhead == NULL
             pthread_mutex_unlock(&self.qlock)
+            if empty and freed >= TRIM_AFTER:
+                freed = 0
+                with nogil:
+                    malloc_trim(0)

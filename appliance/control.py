@@ -22,7 +22,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 MAX_LINE = 1 << 20
 BACKLOG_EVENTS = 500  # the newest events, replayed to a new "events" client that asks

@@ -204,7 +204,7 @@ def test_load_advertiser_hysteresis():
 def test_load_advertiser_rarely_changes_on_a_noisy_load():
     rng = random.Random(4)
     adv = LoadAdvertiser()
-    load, flips, last_plain, changes_plain = 0.35, 0, None, 0
+    load, last_plain, changes_plain = 0.35, None, 0
     for _ in range(50 * 60):                             # a minute of 20 ms heartbeats
         load = min(1, max(0, load + rng.gauss(0, 0.005)))
         plain = round(load * 10)

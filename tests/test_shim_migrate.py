@@ -456,7 +456,6 @@ def test_a_silence_is_decided_only_once_the_adapter_has_read_every_frame_up_to_t
 def test_the_lock_timeout_waits_while_the_new_servers_first_ack_may_be_unread(w):
     """A loaded appliance may not have read the new server's first ACK when the lock's time is
     up: it is decided only once the adapter has read every frame up to then (or FENCE_MAX)."""
-    from appliance import shim as shim_mod
     behind = {"in": True, "out": False}
     w.shim.caught_up = lambda direction, t: not behind[direction]
     w.migrate(B, 1)

@@ -148,6 +148,23 @@ def test_mac_matches_hmac_module_for_long_keys():
         assert m(b"some data" * 50) == hmac.new(key, b"some data" * 50, hashlib.sha256).digest()
 
 
+@pytest.mark.parametrize("key", [b"", b"k", KEY, b"x" * 64, b"y" * 65, b"z" * 200])
+def test_engine_mac_seals_and_checks_like_hmac(engine, key):
+    mac = engine.Mac(key)
+    for n in (0, 1, 31, 32, 55, 56, 64, 119, MAX_DATAGRAM):
+        data = random.Random(n).randbytes(n)
+        ref = hmac.new(key, data, hashlib.sha256).digest()
+        assert mac(data) == ref and mac(bytearray(data)) == ref and mac(memoryview(data)) == ref
+        sealed = mac.seal(data[:n // 3], data[n // 3:])
+        assert sealed == data + ref and mac.check(sealed) and mac.check(bytearray(sealed))
+        for i in (0, n, n + 31):  # a flipped bit anywhere: in the data or in the MAC
+            bad = bytearray(sealed)
+            bad[i] ^= 0x40
+            assert not mac.check(bytes(bad))
+        assert not engine.Mac(key + b"!").check(sealed)
+    assert not mac.check(b"x" * 31) and not mac.check(b"")
+
+
 def test_round_trip_every_kind():
     a = node("a", 5, capacity=10, prefixes=("/media/", "/img/"), sync_port=7701)
     b = node("b", 9)
@@ -403,7 +420,7 @@ def _mutate(v, rnd, shapes):
 
 
 def test_pages_stay_within_1200_bytes_with_long_paths_etags_and_ipv6():
-    a, b = node("a" * 32, epoch=2 ** 64 - 1), node("b")
+    a = node("a" * 32, epoch=2 ** 64 - 1)
     a._seq = 2 ** 40  # seqs past 32 bits take 9 bytes
     es = []
     for i in range(300):
