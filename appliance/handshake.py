@@ -36,6 +36,10 @@ BACKOFF = 2.0
 GIVE_UP = 8.0  # long enough to ride out a restart of the client appliance
 
 FAILOVER = 1  # the Migrate SYN's window: a takeover from a server believed dead (0: planned)
+# In the SYN/ACK's urgent pointer (URG clear: no TCP stack reads it), from the client
+# appliance (appliance.shim): the position is its client's answer to a probe of a failover
+# whose server was found silent, so nothing reached the client after it: exact.
+SYNACK_EXACT = 1
 
 SENT, ANSWERED, RESET, EXPIRED = "sent", "answered", "reset", "expired"
 RESUME, ADOPT, WHOLE, REFUSE, RESET_ONLY = "resume", "adopt", "whole", "refuse", "reset"
@@ -60,6 +64,7 @@ class SynAck(NamedTuple):
     elapsed: float  # seconds since the first one
     attempts: int
     sack: tuple = ()  # blocks (left, right) the client holds above a hole
+    exact: bool = False  # the client's own answer to a probe nothing followed (SYNACK_EXACT)
 
     @property
     def held_above(self) -> int:
@@ -181,7 +186,8 @@ class Handshake:
         has_ts = bool(view.opts & fp.HAS_TIMESTAMPS)
         sack = tuple(view.sack_blocks) if view.opts & fp.HAS_SACK else ()
         self.synack = SynAck(view.seq, view.ack, view.window, view.tsval if has_ts else None,
-                             view.tsecr if has_ts else None, now - last, now - self.started, self.attempts, sack)
+                             view.tsecr if has_ts else None, now - last, now - self.started, self.attempts, sack,
+                             bool(view.urgent & SYNACK_EXACT) and not view.flags & fp.URG)
         self.state = ANSWERED
         return repair_params(self.entry, self.local, self.local_port, self.synack)
 

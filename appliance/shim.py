@@ -23,7 +23,12 @@ draft's processing rules):
   exact rcv_nxt, window, TSval and SACK blocks, whatever a forged or stale frame left in the
   table. The draft's SYN/ACK (seq = the client's acknowledged byte, ack = its rcv_nxt, TSecr =
   the last TSval it accepted, SACK = what it holds above a hole) is built from that answer,
-  or from the tracked state if no answer comes within PROBE_TIMEOUT.
+  or from the tracked state if no answer comes within PROBE_TIMEOUT. With SACK the answer
+  names itself (a D-SACK of the probe's byte); ACKs the client sent before the probe reached
+  it are stale and kept only in case no answer comes. A SYN/ACK from the answer to a probe of
+  a failover whose server was found silent is exact (nothing reached the client after the
+  probe): its urgent pointer says so (SYNACK_EXACT; URG is clear, so no TCP stack reads the
+  field) and the taker need not ask the client again.
 * Network lock: from the accepted Migrate SYN until the new server's first ACK, the
   client's frames are not forwarded (it retransmits) and neither are the new server's RSTs
   (its kernel answers the SYN/ACK with one before the repaired socket exists). Then the
@@ -79,6 +84,7 @@ REFUSED_MEMORY = 2.0  # seconds a refused failover's copies still in flight are 
 PROBE_PATIENCE = 1.0  # seconds of asking the client again (doubling) before the tracked state is used
 FENCE_STEP = 0.004  # seconds between looks at whether the adapter has read every frame up to a deadline
 FENCE_MAX = 0.25  # seconds past a deadline after which it is decided whatever the adapter still holds
+SYNACK_EXACT = 1  # in a SYN/ACK's urgent pointer: its position is the client's answer to the probe
 
 SYN_SENT, ESTABLISHED, MIGRATING, RESETTING, CLOSED = "syn_sent", "established", "migrating", "resetting", "closed"
 RESUMED, RESET = "resumed", "reset"
@@ -122,6 +128,9 @@ class Connection:
     server_rtt: Optional[float] = None  # the client's SYN to the server's SYN/ACK
     refused_at: float = 0.0
     position: Optional[Position] = None  # the client's answer to the latest probe
+    probe_seq: Optional[int] = None  # the byte of the latest probe (its answer D-SACKs it)
+    stale: Optional[Position] = None  # an ACK the client sent before the probe reached it
+    silent: bool = False  # this migration's server check found the server silent
     synack: Optional[bytes] = None  # our last SYN/ACK, for retransmitted Migrate SYNs
     macs: Optional[tuple] = None  # (client MAC, router MAC) for frames the shim builds
     held_rst: Optional[float] = None  # MIGRATE-WAIT: a server RST is held until then
@@ -222,7 +231,7 @@ class ClientShim:
              "migrate_rejected_token", "migrate_rejected_request", "migrate_rejected_stale",
              "migrate_rejected_redundant", "migrate_rejected_tuple", "migrate_rejected_not_permitted",
              "migrate_rejected_server_alive", "server_checks",
-             "probes", "probe_answers", "probe_timeouts", "probe_bad_checksum", "migrate_rsts",
+             "probes", "probe_answers", "probe_stale_answers", "probe_timeouts", "probe_bad_checksum", "migrate_rsts",
              "migrate_rsts_rejected", "migrations_abandoned",
              "lock_dropped_client", "lock_dropped_rst", "lock_timeouts", "rsts_held", "rsts_discarded",
              "old_server_resets", "former_rsts", "former_rsts_limited", "client_resets", "reset_rsts_sent",
@@ -450,13 +459,13 @@ class ClientShim:
         conn.check = None
         self._bind(conn)
         f = bytearray(frame)
-        return self._accept(conn, f, fp.parse(f), src, now)
+        return self._accept(conn, f, fp.parse(f), src, now, silent=True)
 
-    def _accept(self, conn: Connection, frame: bytearray, v, src: tuple, now: float) -> list:
+    def _accept(self, conn: Connection, frame: bytearray, v, src: tuple, now: float, silent: bool = False) -> list:
         cip, cport = conn.client
         old = conn.pending[0] if conn.pending else conn.current
         conn.reqno, conn.migrator, conn.synack = v.migrate_reqno, src, None
-        conn.abandoned_reqno = None
+        conn.abandoned_reqno, conn.stale, conn.silent = None, None, silent
         conn.macs = (bytes(frame[0:6]), bytes(frame[6:12]))  # (client, router): the Migrate SYN came from the router
         conn.pending = (src, old, now)
         conn.state = MIGRATING
@@ -506,7 +515,8 @@ class ClientShim:
             opts = b"\x01\x01" + fp.opt_timestamps(tsval, tsecr)
         client_mac, router_mac = conn.macs
         ack = c2s.seq_next if c2s is not None and c2s.frames else (conn.client_syn.isn + 1) & fp.MASK32
-        return bytearray(fp.build_tcp(oip, cip, oport, cport, (top - PROBE_BEHIND) & fp.MASK32, ack, fp.ACK,
+        conn.probe_seq = (top - PROBE_BEHIND) & fp.MASK32
+        return bytearray(fp.build_tcp(oip, cip, oport, cport, conn.probe_seq, ack, fp.ACK,
                                       65535, opts, b"\0", eth_src=router_mac, eth_dst=client_mac))
 
     def _position_known(self, conn: Connection) -> bool:
@@ -525,13 +535,27 @@ class ClientShim:
             self.counters["probe_bad_checksum"] += 1
             return []  # its kernel will drop it too; the real answer follows
         ts = bool(v.opts & fp.HAS_TIMESTAMPS)
-        sack = tuple(b for b in (v.sack_blocks if v.opts & fp.HAS_SACK else ()) if fp.seq_gt(b[1], v.ack))
+        blocks = v.sack_blocks if v.opts & fp.HAS_SACK else ()
+        sack = tuple(b for b in blocks if fp.seq_gt(b[1], v.ack))
+        pos = Position(v.ack, v.window, v.tsval if ts else None, sack, v.seq, v.tsecr if ts else None)
+        named = any(left == conn.probe_seq for left, _ in blocks)
+        if not named and self._sack_on(conn):
+            # sent before the probe reached the client (it would D-SACK the probe's byte):
+            # its rcv_nxt may be behind; kept in case no answer comes
+            self.counters["probe_stale_answers"] += 1
+            if conn.stale is None or fp.seq_ge(v.ack, conn.stale.ack):
+                conn.stale = pos
+            return []
         self.counters["probe_answers"] += 1
-        return [self._answer(conn, now, Position(v.ack, v.window, v.tsval if ts else None, sack, v.seq,
-                                                 v.tsecr if ts else None))]
+        return [self._answer(conn, now, pos, exact=named and conn.silent)]
 
-    def _answer(self, conn: Connection, now: float, pos: Optional[Position]) -> tuple:
-        """The SYN/ACK, from the client's answer (pos) or, without one, the tracked state."""
+    @staticmethod
+    def _sack_on(conn: Connection) -> bool:
+        return bool(conn.client_syn.sack_permitted and conn.server_syn is not None and conn.server_syn.sack_permitted)
+
+    def _answer(self, conn: Connection, now: float, pos: Optional[Position], exact: bool = False) -> tuple:
+        """The SYN/ACK, from the client's answer (pos) or, without one, the tracked state;
+        `exact`: pos is the answer to a probe that nothing followed to the client."""
         probed = pos is not None
         (cip, cport), (oip, oport) = conn.client, conn.server
         src, old, _ = conn.pending
@@ -556,14 +580,14 @@ class ClientShim:
         synack = fp.build_migrate_synack(cip, src[0], cport, src[1], acked, pos.ack, pos.window,
                                          tsval=tsval if ts else None, tsecr=tsecr if ts else None,
                                          sack=pos.sack if conn.client_syn.sack_permitted else (),
-                                         eth_src=client_mac, eth_dst=router_mac)
-        conn.synack, conn.probe_until, conn.position = synack, None, pos if probed else None
+                                         urgent=SYNACK_EXACT if exact else 0, eth_src=client_mac, eth_dst=router_mac)
+        conn.synack, conn.probe_until, conn.position, conn.stale = synack, None, pos if probed else None, None
         conn.pending = (src, old, now)  # the lock's timeout counts from the SYN/ACK
         self._timer(now + self.lock_timeout, conn)
         self._set_client_flow(conn, fp.DROP, old)
         self._note(conn, "migrate_answered", {"client": list(conn.client), "to": list(src), "seq": acked,
                                                   "ack": pos.ack, "tsecr": tsecr, "sack": [list(b) for b in pos.sack],
-                                                  "probed": probed})
+                                                  "probed": probed, "exact": exact})
         return (OUT, bytearray(synack), False)
 
     def _from_new_server(self, conn: Connection, frame: bytearray, v, now: float, partial: bool) -> list:
@@ -805,7 +829,9 @@ class ClientShim:
             self.counters["probe_timeouts"] += 1
             asked = now - conn.pending[2]
             known = self._position_known(conn)
-            if (known and asked >= min(PROBE_PATIENCE, self.lock_timeout)) or asked >= self.lock_timeout:
+            if conn.stale is not None:  # the client's own ACK, if not its answer: better than the table
+                out.append(self._answer(conn, now, conn.stale))
+            elif (known and asked >= min(PROBE_PATIENCE, self.lock_timeout)) or asked >= self.lock_timeout:
                 out.append(self._answer(conn, now, None))
             else:  # ask again (a loaded client or appliance answers late), doubling; never guess early
                 conn.probe_wait = min(PROBE_PATIENCE, 2 * max(conn.probe_wait, self.probe_timeout))

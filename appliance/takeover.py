@@ -21,7 +21,9 @@ For each connection the selection layer hands it (`selection.TakeoverAction`, or
 4. **Repair** (appliance.repair): B's socket in the client's exact view. Bytes the client
    holds above a hole are queued as already sent, so its jump in ack once the hole is
    filled is an ack of sent data.
-5. **Verify**: the client's answer to an old-byte probe (handshake.old_byte_probe, seen by a
+5. **Verify**: unless the SYN/ACK is exact (the client appliance's own probe of a failover
+   whose server was silent was answered, and nothing reached the client after it), the
+   client's answer to an old-byte probe (handshake.old_byte_probe, seen by a
    raw socket filtered to that 4-tuple; at most `verify_slots` such sockets at once) must
    show the position the SYN/ACK gave; a client a little ahead is caught up (those bytes
    are marked sent), one behind B (B would be ahead: a hole nobody fills) is reset. No
@@ -251,7 +253,7 @@ class TakeoverEngine:
             ("started", "queued", "checks", "checks_cached", "checks_failed", "claimed", "passed", "migrate_syns",
              "retransmissions", "synacks", "repaired", "resumed", "adopted", "whole", "refused", "resets_sent",
              "failed", "done", "duplicates", "superseded", "packets", "ignored", "bytes_to_client", "bytes_from_client",
-             "send_errors", "late_synacks", "resynced", "reprobes", "answers_unmarked", "ts_advanced", "held_above", "retries_scheduled", "retries",
+             "send_errors", "late_synacks", "resynced", "reprobes", "answers_unmarked", "verify_skipped", "ts_advanced", "held_above", "retries_scheduled", "retries",
              "outcome_resumed", "outcome_reset",
              "outcome_passed", "outcome_failed"), 0)
 
@@ -529,7 +531,11 @@ class TakeoverEngine:
         self._count("repaired")
         self._emit(t, "repaired", ms=round((r1 - t.started) * 1000, 3), repair_ms=round((r1 - r0) * 1000, 3),
                    plan=t.plan.kind, held_above=held)
-        if self.verify_ack:
+        if self.verify_ack and t.hs.synack.exact:
+            # the SYN/ACK is the client's own answer to a probe that nothing followed: asking
+            # again would get the same answer, one round trip and a raw socket later
+            self._count("verify_skipped")
+        elif self.verify_ack:
             t.phase = "verifying"
             if self._verifying is None:
                 self._verifying = asyncio.Semaphore(self.verify_slots)

@@ -294,3 +294,10 @@ def test_the_probes_answer_is_told_by_its_dsack_and_the_best_ack_is_the_highest_
     again = answer._replace(window=1)
     assert best_answer([answer, again], una) is again  # equals: the latest
     assert best_answer([], una) is None
+
+
+def test_the_wire_marks_agree_with_the_client_appliance():
+    """The Migrate SYN's FAILOVER window and the SYN/ACK's SYNACK_EXACT are read on one side
+    and written on the other."""
+    from appliance import shim
+    assert (hs_.FAILOVER, hs_.SYNACK_EXACT) == (shim.FAILOVER, shim.SYNACK_EXACT)

@@ -64,9 +64,13 @@ class Appliance:
         return [json.loads(json.dumps(r)) for r in out]
 
 
-def c2s(seq, ack, flags=fp.ACK, tsval=1100, tsecr=5009, window=3000, payload=b""):
-    return bytearray(fp.build_tcp(C, A, 40000, 80, seq, ack, flags, window,
-                                  b"\x01\x01" + fp.opt_timestamps(tsval, tsecr), payload, eth_src=MAC_C, eth_dst=MAC_R))
+def c2s(seq, ack, flags=fp.ACK, tsval=1100, tsecr=5009, window=3000, payload=b"", probe=None):
+    """A client frame; `probe`: the probe it answers (its byte D-SACKed, as Linux does)."""
+    opts = b"\x01\x01" + fp.opt_timestamps(tsval, tsecr)
+    if probe is not None:
+        pseq = fp.parse(probe).seq
+        opts += b"\x01\x01" + fp.opt_sack([(pseq, (pseq + 1) & fp.MASK32)])
+    return bytearray(fp.build_tcp(C, A, 40000, 80, seq, ack, flags, window, opts, payload, eth_src=MAC_C, eth_dst=MAC_R))
 
 
 def s2c(src, seq, ack, flags=fp.ACK, tsval=5009, payload=b"", options=None):
@@ -104,7 +108,7 @@ def test_a_connection_opened_before_a_restart_is_migrated_after_it():
     assert t.connection(C, 40000, A, 80).token == fp.migrate_token(NI, NA)
     [(d, probe, _)] = fresh.shim.handle(IN, migrate_syn(B, 1), 4.0)
     assert d == IN and fp.parse(probe).payload_len == 1
-    [(d, synack, _)] = fresh.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 8000, tsecr=5009), 4.01)
+    [(d, synack, _)] = fresh.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 8000, tsecr=5009, probe=probe), 4.01)
     v = fp.parse(synack)
     assert d == OUT and v.flags == fp.SYN | fp.ACK
     # everything from the client's own answer: its rcv_nxt, its next byte (the server's ACKs
@@ -129,8 +133,8 @@ def test_migrated_locked_and_resetting_states_survive():
     app = Appliance()
     opened(app)
     app.path(OUT, c2s((NI + 1) & fp.MASK32, NA + 1, payload=b"G" * 100), 1.5)
-    app.shim.handle(IN, migrate_syn(B, 1), 2.0)
-    app.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1), 2.01)  # the answer: SYN/ACK sent, the lock is on
+    [(_, probe, _)] = app.shim.handle(IN, migrate_syn(B, 1), 2.0)
+    app.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1, probe=probe), 2.01)  # the answer: SYN/ACK sent, the lock is on
     fresh = restarted(app, 3.0)
     conn = fresh.shim.connections[(C, 40000, A, 80)]
     assert conn.pending[0] == (B, 80) and conn.synack is not None

@@ -7,6 +7,7 @@ timeouts."""
 import pytest
 
 import _fastpath as fp
+from appliance import shim as shim_mod
 from appliance.shim import IN, LOCK_TIMEOUT, OUT, PROBE_TIMEOUT, RESET_LINGER, ClientShim
 
 C, A, B, D = "10.70.0.11", "10.70.1.2", "10.70.2.2", "10.70.3.2"
@@ -16,9 +17,11 @@ NI, NA = 0xFFFFFF00, 0x7FFFFFF0  # client ISN wraps during the transfer
 SYN_OPTS = fp.opt_mss(1460) + fp.opt_sack_permitted() + fp.opt_timestamps(1000, 0) + b"\x01" + fp.opt_wscale(7)
 
 
-def c2s(seq, ack, flags=fp.ACK, payload=b"", tsval=1100, tsecr=5000, window=3000):
-    return bytearray(fp.build_tcp(C, A, CPORT, 80, seq, ack, flags, window,
-                                  b"\x01\x01" + fp.opt_timestamps(tsval, tsecr), payload, eth_src=MAC_C, eth_dst=MAC_R))
+def c2s(seq, ack, flags=fp.ACK, payload=b"", tsval=1100, tsecr=5000, window=3000, sack=()):
+    opts = b"\x01\x01" + fp.opt_timestamps(tsval, tsecr)
+    if sack:
+        opts += b"\x01\x01" + fp.opt_sack(list(sack))
+    return bytearray(fp.build_tcp(C, A, CPORT, 80, seq, ack, flags, window, opts, payload, eth_src=MAC_C, eth_dst=MAC_R))
 
 
 def s2c(src, seq, ack, flags=fp.ACK, payload=b"", tsval=5000, tsecr=1100, window=500, options=None):
@@ -48,14 +51,14 @@ class World:
         return self.shim.handle(direction, frame, self.now)
 
     def migrate(self, src, reqno, sack=None, **kw):
-        """A Migrate SYN, the probe it causes, the client's answer: the shim's SYN/ACK actions."""
+        """A Migrate SYN, the probe it causes, the client's answer (as Linux sends it: a D-SACK
+        of the probe's byte first): the shim's SYN/ACK actions."""
         [(d, probe, _)] = self.punt(IN, migrate_syn(src, reqno, **kw))
         p = fp.parse(probe)
         assert d == IN and (p.src_ip, p.dst_ip, p.payload_len) == (A, C, 1) and fp.verify_checksums(probe) == (True, True)
         assert fp.seq_diff(self.client_ack, p.seq) > 1 << 29  # far behind: never data the client could take
         opts = b"\x01\x01" + fp.opt_timestamps(1100, self.client_tsecr)
-        if sack:
-            opts += b"\x01\x01" + fp.opt_sack(sack)
+        opts += b"\x01\x01" + fp.opt_sack([(p.seq, (p.seq + 1) & fp.MASK32)] + list(sack or ()))
         answer = bytearray(fp.build_tcp(C, A, CPORT, 80, (NI + 101) & fp.MASK32, self.client_ack, fp.ACK, 3000,
                                         opts, eth_src=MAC_C, eth_dst=MAC_R))
         return self.path(OUT, answer)
@@ -253,7 +256,8 @@ def test_a_bad_checksum_answer_is_not_taken(w):
     bad[-1] ^= 0xFF  # the payload-less frame's last option byte: checksum now wrong
     assert w.path(OUT, bad) == []
     assert w.shim.counters["probe_bad_checksum"] == 1
-    [(_, synack, _)] = w.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 8000))
+    pseq = fp.parse(probe).seq
+    [(_, synack, _)] = w.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 8000, sack=[(pseq, pseq + 1)]))
     assert fp.parse(synack).ack == NA + 1 + 8000
 
 
@@ -386,9 +390,32 @@ def test_a_failover_proceeds_once_the_server_stays_silent(w):
     assert w.shim.next_deadline() <= w.now + 0.1
     assert w.shim.handle_timer(w.now + 0.001) == []
     [(d, client_probe, _)] = w.shim.handle_timer(w.now + 0.11)  # silence: accept, ask the client
+    pseq = fp.parse(client_probe).seq
     assert d == IN and fp.parse(client_probe).dst_ip == C
-    [(d, synack, _)] = w.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 8000))
-    assert d == OUT and fp.parse(synack).flags == fp.SYN | fp.ACK and fp.parse(synack).dst_ip == B
+    # an ACK the client sent before the probe reached it: no D-SACK of the probe's byte, kept
+    assert w.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 7000)) == []
+    assert w.shim.counters["probe_stale_answers"] == 1
+    [(d, synack, _)] = w.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 8000, sack=[(pseq, pseq + 1)]))
+    v = fp.parse(synack)
+    assert d == OUT and v.flags == fp.SYN | fp.ACK and v.dst_ip == B and v.ack == NA + 1 + 8000
+    # the answer to the probe of a failover whose server was silent: exact, the taker may skip its own
+    assert v.urgent == shim_mod.SYNACK_EXACT
+
+
+def test_a_stale_ack_answers_only_when_no_answer_to_the_probe_comes(w):
+    [(d, client_probe, _)] = w.punt(IN, migrate_syn(B, 1))
+    assert w.path(OUT, c2s((NI + 101) & fp.MASK32, NA + 1 + 7000)) == []  # no D-SACK: sent before the probe
+    [(d, synack, _)] = w.shim.handle_timer(w.now + PROBE_TIMEOUT)
+    v = fp.parse(synack)
+    assert d == OUT and v.flags == fp.SYN | fp.ACK and v.ack == NA + 1 + 7000 and v.urgent == 0  # not exact
+    assert w.shim.counters["probe_stale_answers"] == 1 and w.shim.counters["probe_answers"] == 0
+
+
+def test_a_planned_migrations_answer_is_not_exact(w):
+    """The old server lives during a planned migration: a frame of it forwarded just before
+    the lock may reach the client after the probe, so the taker must ask again."""
+    [(_, synack, _)] = w.migrate(B, 1)
+    assert fp.parse(synack).urgent == 0 and fp.parse(synack).ack == NA + 1 + 8000
 
 
 def test_a_failover_is_refused_at_once_when_the_server_was_just_heard(w):

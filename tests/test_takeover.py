@@ -26,7 +26,7 @@ from appliance import httpserver
 from appliance import repair
 from appliance import rawsock as rs
 from appliance import takeover as tk
-from appliance.handshake import PROBE_BEHIND
+from appliance.handshake import PROBE_BEHIND, SYNACK_EXACT
 from appliance.selection import TakeoverAction
 from appliance.sync import Entry, ObjectRef
 
@@ -63,11 +63,11 @@ def action(e, last=True, rank=0):
     return TakeoverAction(e.key, e, "a", 1, rank, 0.0, last=last, candidates=("b",))
 
 
-def synack(e, ack, flags=fp.SYN | fp.ACK, sack=()):
+def synack(e, ack, flags=fp.SYN | fp.ACK, sack=(), urgent=0):
     opts = bytes((1, 1)) + fp.opt_timestamps(777, 888888)
     if sack:
         opts += bytes((1, 1)) + fp.opt_sack(sack)
-    return fp.build_tcp("127.0.0.1", "127.0.0.1", e.client_port, 80, 1234, ack, flags, 501, opts)
+    return fp.build_tcp("127.0.0.1", "127.0.0.1", e.client_port, 80, 1234, ack, flags, 501, opts, urgent=urgent)
 
 
 class FakeInjector:
@@ -571,6 +571,36 @@ def test_verify_slots_bound_the_watches_open_at_once(docroot, monkeypatch):
             first_outcome = next(i for i, (k, _) in enumerate(w.events) if k == "outcome")
             assert len(repaired) == 3 and max(repaired) < first_outcome  # none waited to be repaired
             assert FakeWatch.peak == 1 and FakeWatch.probes == 3 and FakeWatch.open_now == 0
+        finally:
+            await w.close()
+    run(main())
+
+
+def test_an_exact_synack_is_not_verified_again(docroot, monkeypatch):
+    """A SYN/ACK marked exact (SYNACK_EXACT in its urgent pointer: the client appliance's own
+    probe of a failover was answered) resumes without a watch or a probe of the taker's; an
+    unmarked one, or one with URG set (the field is then an urgent pointer), is verified."""
+    FakeWatch.open_now = FakeWatch.peak = FakeWatch.probes = 0
+    FakeWatch.watches = {}
+    monkeypatch.setattr(tk, "AckWatch", FakeWatch)
+
+    async def main():
+        w = World(docroot, verify_ack=True)
+        w.injector = w.eng.injector = ProbeAnswering()
+        try:
+            es = [entry(docroot, client_port=40000 + i) for i in range(3)]
+            for e in es:
+                w.eng.start(action(e))
+            await w.events_of("migrate_syn_sent", 3)
+            marks = [dict(urgent=SYNACK_EXACT), dict(), dict(urgent=SYNACK_EXACT, flags=fp.SYN | fp.ACK | fp.URG)]
+            for i, (e, kw) in enumerate(zip(es, marks)):
+                assert w.eng.feed(synack(e, e.body_start + 1000 * (i + 1), **kw))
+            deadline = time.monotonic() + 5
+            while sum(k == "outcome" for k, _ in w.events) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert [f["outcome"] for k, f in w.events if k == "outcome"] == ["resumed"] * 3
+            assert w.eng.counters()["verify_skipped"] == 1
+            assert FakeWatch.probes == 2 and sorted(FakeWatch.watches) == [40001, 40002]
         finally:
             await w.close()
     run(main())
