@@ -128,6 +128,15 @@ def owned_entry(entry, local: bytes, local_port: int, reqno: int, plan: Plan):
     return e
 
 
+def _close_connected(task: asyncio.Task) -> None:
+    """A pre-opened local connection the takeover did not use: closed (its error, if it
+    failed, taken so that asyncio does not log it)."""
+    if task.cancelled():
+        return
+    if task.exception() is None:
+        task.result().close()
+
+
 @dataclass
 class _Takeover:
     key: tuple
@@ -158,6 +167,7 @@ class _Takeover:
     sent_above: int = 0  # bytes queued as sent at repair (held by the client above a hole)
     slot: bool = False  # counts against max_active (setup under way)
     repaired_at: float = 0.0
+    connecting: Optional[asyncio.Task] = None  # the local server's connection, opened during the handshake
 
     def row(self, now: float) -> dict:
         p = self.plan
@@ -492,6 +502,10 @@ class TakeoverEngine:
             reset_reason = f"no member can serve it: {why}"
         if e.state == "RESET":
             reset_reason = f"not resumable: {e.reason or 'unknown'}"
+        if reset_reason is None:
+            # while the client appliance checks and probes, so that the fetch needs one
+            # round trip to the local server, not two
+            t.connecting = self._loop.create_task(localhttp.connect(self._loop, self.http_addr, self.fetch_timeout))
         params = await self._handshake(t)
         if reset_reason is not None:
             self._reset(t, reset_reason)
@@ -656,7 +670,11 @@ class TakeoverEngine:
     async def _fetch(self, t: _Takeover) -> None:
         plan, e = t.plan, t.entry
         loop = self._loop
-        t.local = await localhttp.connect(loop, self.http_addr, self.fetch_timeout)
+        if t.connecting is not None:
+            task, t.connecting = t.connecting, None
+            t.local = await task
+        else:
+            t.local = await localhttp.connect(loop, self.http_addr, self.fetch_timeout)
         if plan.kind == RESUME:
             await localhttp.send_all(loop, t.local, range_request(e, plan.offset, self._host()), self.fetch_timeout)
             head = await localhttp.read_head(loop, t.local, self.fetch_timeout)
@@ -871,6 +889,13 @@ class TakeoverEngine:
             t.timer.cancel()
             t.timer = None
         self._close_watch(t)
+        if t.connecting is not None:
+            task, t.connecting = t.connecting, None
+            if not task.done():
+                task.add_done_callback(_close_connected)
+                task.cancel()
+            else:
+                _close_connected(task)
         if t.relay is not None and t.relay.result is None:
             t.relay.stop("engine closed")
         if t.owned is not None:
